@@ -1,0 +1,63 @@
+"""Sessions: tests (default), lint, typecheck, xla, properties, bench, demo."""
+
+from __future__ import annotations
+
+import nox
+
+# The CPU build of torch (an unpinned torch pulls a multi-GB CUDA build).
+TORCH = "torch==2.13.0"
+# torch_xla pins its own torch: the newest pair that installs here.
+XLA = ("torch==2.9.0", "torch_xla==2.9.0")
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The default suite on CPU (hypothesis profile 'ci')."""
+    session.install(TORCH, "-e", ".[test,demo]")
+    session.run("pytest", *session.posargs, env={"HYPOTHESIS_PROFILE": "ci"})
+
+
+@nox.session
+def properties(session: nox.Session) -> None:
+    """The property tests with many more examples (hypothesis profile 'thorough')."""
+    session.install(TORCH, "-e", ".[test]")
+    session.run("pytest", "tests", "-k", "property or law or check", *session.posargs, env={"HYPOTHESIS_PROFILE": "thorough"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", *(session.posargs or ["."]))
+    session.run("ruff", "format", "--check", *(session.posargs or ["."]))
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install(TORCH, "-e", ".[test]", "mypy>=1.11")
+    session.run("mypy", *session.posargs)
+
+
+@nox.session
+def xla(session: nox.Session) -> None:
+    """tests/xla on real torch_xla, XLA's CPU backend (about 7 GB, 2 minutes to install)."""
+    session.install(*XLA, "-e", ".[test]")
+    session.run(
+        "pytest", "tests/xla", "-p", "no:cacheprovider", "--override-ini=addopts=-ra --strict-markers", *session.posargs,
+        env={"PJRT_DEVICE": "CPU", "HYPOTHESIS_PROFILE": "ci"},
+    )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Each pipeline against the identical hand-written torch.amp loop: median ratios."""
+    session.install(TORCH, "-e", ".")
+    session.run("python", "benchmarks/bench.py", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    session.install(TORCH, "-e", ".[demo]")
+    session.run("python", "-m", "ampfn.demo", *session.posargs)

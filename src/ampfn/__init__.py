@@ -1,0 +1,43 @@
+"""ampfn: mixed-precision training in PyTorch by wrapping functions.
+
+Write a training step as a plain function that calls :func:`backward` and :func:`step`
+instead of ``loss.backward()`` and ``optimizer.step()``, then wrap it with precision
+transforms and :func:`compose` them. Nothing here imports apex, torch_xla or
+hypothesis; the transforms that need them import them when built.
+"""
+
+from ampfn._apex import with_apex
+from ampfn._autocast import FP32Island
+from ampfn._autocast import fp32
+from ampfn._autocast import with_autocast
+from ampfn._core import Pipeline
+from ampfn._core import Transform
+from ampfn._core import backward
+from ampfn._core import clip_grad_norm_
+from ampfn._core import compose
+from ampfn._core import load_state_dict
+from ampfn._core import state_dict
+from ampfn._core import step
+from ampfn._core import unscale_
+from ampfn._scaling import with_grad_scaling
+from ampfn._xla import with_xla_bf16
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FP32Island",
+    "Pipeline",
+    "Transform",
+    "backward",
+    "clip_grad_norm_",
+    "compose",
+    "fp32",
+    "load_state_dict",
+    "state_dict",
+    "step",
+    "unscale_",
+    "with_apex",
+    "with_autocast",
+    "with_grad_scaling",
+    "with_xla_bf16",
+]

@@ -1,0 +1,92 @@
+"""The real ``apex.amp`` behind ``with_apex(backend="apex")``.
+
+Exercised only where NVIDIA Apex is installed (CUDA machines): the test that compares
+it with the native levels skips elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ampfn._core import Handler, Params, Transform, handler_wrapper
+
+if TYPE_CHECKING:
+    from ampfn._apex import ApexLevel
+
+_HINT = (
+    "NVIDIA Apex is not on PyPI (the 'apex' package there is an unrelated project): build it from "
+    "https://github.com/NVIDIA/apex, or use backend='native', ampfn's implementation of the same levels"
+)
+
+
+def apex_amp(backend: str) -> ModuleType | None:
+    """``apex.amp`` if ``backend`` asks for it and it can be used, else None (native)."""
+    if backend == "native":
+        return None
+    try:
+        from apex import amp  # type: ignore[import-not-found]
+    except Exception as e:  # an unrelated 'apex' may fail in any way
+        if backend == "apex":
+            raise ImportError(f"with_apex(level, backend='apex'): apex.amp cannot be imported ({e}). {_HINT}") from e
+        return None
+    if backend == "auto" and not torch.cuda.is_available():
+        return None
+    return amp  # type: ignore[no-any-return]
+
+
+class ApexAmp(Handler):
+    """The effects through ``apex.amp``: ``scale_loss`` at backward, Apex's own skip."""
+
+    __slots__ = ("amp", "optimizer")
+
+    def __init__(self, amp: ModuleType, optimizer: torch.optim.Optimizer) -> None:
+        self.amp = amp
+        self.optimizer = optimizer
+
+    def backward(self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        with self.amp.scale_loss(loss, self.optimizer) as scaled:
+            proceed(scaled, kwargs)
+
+    def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
+        # After an overflow Apex swaps optimizer.step for a one-shot skip_step.
+        skipped = bool(getattr(getattr(optimizer, "_amp_stash", None), "already_patched", False))
+        optimizer.step()
+        return not skipped
+
+    def clip_grad_norm_(
+        self, proceed: Callable[..., torch.Tensor], parameters: Params, max_norm: float, optimizer: Any, norm_type: float
+    ) -> torch.Tensor:
+        # apex.amp unscales when scale_loss exits; clip the master gradients, as Apex's docs do.
+        return proceed(list(self.amp.master_params(optimizer)), max_norm, optimizer, norm_type)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"amp": self.amp.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], /) -> None:
+        self.amp.load_state_dict(state["amp"])
+
+
+def apex_transform(
+    amp: ModuleType, props: ApexLevel, model: Any, optimizer: Any, bounds: tuple[float | None, float]
+) -> Transform:
+    if model is None or optimizer is None:
+        raise ValueError(
+            "with_apex(level, backend='apex'): apex.amp.initialize needs both: with_apex(level, model, optimizer)"
+        )
+    amp.initialize(
+        model,
+        optimizer,
+        opt_level=props.level,
+        keep_batchnorm_fp32=props.keep_batchnorm_fp32,
+        master_weights=props.master_weights,
+        loss_scale=props.loss_scale,
+        min_loss_scale=bounds[0],
+        max_loss_scale=bounds[1],
+        verbosity=0,
+    )
+    handler = ApexAmp(amp, optimizer)
+    return Transform("with_apex", handler_wrapper(handler), tags=("loss_scaling",), state=handler)

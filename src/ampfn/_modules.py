@@ -1,0 +1,101 @@
+"""Casting models and inputs: shared by fp32 islands, apex O2/O3 and XLA bf16-true."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def cast_floating(obj: Any, dtype: torch.dtype) -> Any:
+    """Cast every floating tensor in ``obj`` (nested tuples, lists and dicts) to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, tuple):
+        items = [cast_floating(o, dtype) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)  # NamedTuple
+    if isinstance(obj, list):
+        return [cast_floating(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: cast_floating(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def floating_devices(obj: Any, found: set[str]) -> set[str]:
+    """The device types of the floating tensors in ``obj`` (nested like :func:`cast_floating`)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point():
+            found.add(obj.device.type)
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            floating_devices(o, found)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            floating_devices(o, found)
+    return found
+
+
+def is_fp32_island(module: nn.Module) -> bool:
+    return getattr(module, "_ampfn_fp32_island", False) is True
+
+
+def _castable(module: nn.Module, keep_batchnorm_fp32: bool) -> Iterator[nn.Module]:
+    """Every module whose own tensors get cast: fp32 islands are skipped with their
+    children; affine batch norms are skipped when ``keep_batchnorm_fp32`` (as Apex does)."""
+    if is_fp32_island(module):
+        return
+    bn = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
+    if not (bn and keep_batchnorm_fp32):
+        yield module
+    for child in module.children():
+        yield from _castable(child, keep_batchnorm_fp32)
+
+
+def castable_parameters(model: nn.Module, *, keep_batchnorm_fp32: bool) -> list[nn.Parameter]:
+    """The floating parameters that :func:`cast_module` casts."""
+    return [
+        p for m in _castable(model, keep_batchnorm_fp32) for p in m.parameters(recurse=False) if p.is_floating_point()
+    ]
+
+
+def cast_module(model: nn.Module, dtype: torch.dtype, *, keep_batchnorm_fp32: bool) -> None:
+    """Cast ``model``'s floating parameters and buffers to ``dtype`` in place.
+
+    Parameters keep their identity (``param.data`` is replaced), so references the user
+    holds, and optimizers built on them, stay valid.
+    """
+    for module in _castable(model, keep_batchnorm_fp32):
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+                if param.grad is not None:
+                    param.grad = param.grad.to(dtype)
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_floating_point():
+                setattr(module, name, buf.to(dtype))
+        if isinstance(module, nn.RNNBase):
+            module.flatten_parameters()
+
+
+def patch_forward(model: nn.Module, input_dtype: torch.dtype, output_dtype: torch.dtype | None) -> None:
+    """Make ``model`` cast floating inputs to ``input_dtype`` and outputs to ``output_dtype``.
+
+    Like Apex, this sets ``model.forward`` on the instance, so the user's data pipeline
+    and loss code stay unchanged.
+    """
+    old: Callable[..., Any] = model.forward
+
+    @functools.wraps(old)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = old(*cast_floating(args, input_dtype), **cast_floating(kwargs, input_dtype))
+        return out if output_dtype is None else cast_floating(out, output_dtype)
+
+    model.forward = forward  # type: ignore[method-assign]
+
+
+def floating_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """Name to dtype of each floating parameter of ``model``."""
+    return {n: p.dtype for n, p in model.named_parameters() if p.is_floating_point()}

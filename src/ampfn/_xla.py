@@ -1,0 +1,110 @@
+"""``with_xla_bf16``: bfloat16 on TPUs and other XLA devices, without environment variables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from ampfn._autocast import autocast_transform, check_autocast
+from ampfn._core import HANDLERS, Handler, Transform
+from ampfn._modules import cast_module, patch_forward
+
+MODES = ("mixed", "true")
+_API = "with_xla_bf16(*, mode, model, sync)"
+
+
+def _import_xla() -> tuple[ModuleType, ModuleType]:
+    try:
+        import torch_xla  # type: ignore[import-not-found]
+        import torch_xla.core.xla_model as xm  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise ImportError(
+            f"{_API}: torch_xla is not installed ({e}); install it with the xla extra, "
+            "pip install 'ampfn[xla]', with the torch release it matches"
+        ) from e
+    return torch_xla, xm
+
+
+class _XlaStep(Handler):
+    """``ampfn.step`` through ``xm.optimizer_step``, which all-reduces gradients across replicas."""
+
+    __slots__ = ("xm",)
+
+    def __init__(self, xm: ModuleType) -> None:
+        self.xm = xm
+
+    def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
+        self.xm.optimizer_step(optimizer)
+        return True
+
+
+def with_xla_bf16(*, mode: str = "mixed", model: nn.Module | None = None, sync: bool = True) -> Transform:
+    """bfloat16 training on an XLA device (TPU, or XLA's CPU backend with ``PJRT_DEVICE=CPU``).
+
+    ``mode="mixed"``: the forward runs under ``torch.autocast("xla", dtype=torch.bfloat16)``
+    and weights stay fp32 (Lightning's ``precision="bf16-mixed"``; what
+    ``precision=16`` means on TPUs). ``mode="true"``: ``model``'s parameters and buffers
+    are cast to bf16 once, here, and its forward casts floating inputs to bf16, with no
+    autocast (Lightning's ``"bf16-true"``, without the deprecated ``XLA_USE_BF16``).
+
+    Inside the step ``ampfn.step(optimizer)`` is ``xm.optimizer_step(optimizer)`` (which
+    also all-reduces gradients when several replicas run) and returns True: bf16 needs
+    no loss scaling, so composing this with a loss-scaling transform is an error. With
+    ``sync=True`` the lazy graph is cut once at the end of each call
+    (``torch_xla.sync()``, ``xm.mark_step()`` on releases without it).
+
+    Args:
+        mode: "mixed" or "true".
+        model: the model to cast, required by (and only used with) ``mode="true"``.
+        sync: cut the graph at the end of each wrapped call.
+
+    Raises:
+        ImportError: torch_xla is not installed (install the ``xla`` extra).
+        ValueError: a bad mode, or ``model`` missing for "true" / given for "mixed".
+        TypeError: ``model`` is not a module or ``sync`` not a bool.
+
+    Example:
+        >>> import ampfn  # doctest: +SKIP
+        >>> train_step = ampfn.with_xla_bf16()(train_step)  # doctest: +SKIP
+    """
+    if mode not in MODES:
+        raise ValueError(f"{_API}: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    if not isinstance(sync, bool):
+        raise TypeError(f"{_API}: sync must be a bool, got {type(sync).__name__}")
+    if mode == "true" and model is None:
+        raise ValueError(f"{_API}: mode='true' casts the model to bf16, so it needs it: with_xla_bf16(mode='true', model=model)")
+    if mode == "mixed" and model is not None:
+        raise ValueError(f"{_API}: model= is only used with mode='true'; mode='mixed' leaves the weights fp32")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"{_API}: model must be an nn.Module, got {type(model).__name__}")
+    torch_xla, xm = _import_xla()
+    cut: Callable[[], None] = getattr(torch_xla, "sync", None) or xm.mark_step
+    handler = _XlaStep(xm)
+    inner: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
+    if mode == "mixed":
+        inner = autocast_transform("with_xla_bf16", check_autocast("xla", torch.bfloat16, _API), torch.bfloat16, None)
+    else:
+        assert model is not None
+        cast_module(model, torch.bfloat16, keep_batchnorm_fp32=False)
+        patch_forward(model, torch.bfloat16, None)
+
+    def wrap(step: Callable[..., Any]) -> Callable[..., Any]:
+        run = inner(step) if inner is not None else step
+
+        def xla_step(*args: Any, **kwargs: Any) -> Any:
+            token = HANDLERS.set((*HANDLERS.get(), handler))
+            try:
+                out = run(*args, **kwargs)
+            finally:
+                HANDLERS.reset(token)
+            if sync:
+                cut()
+            return out
+
+        return xla_step
+
+    return Transform("with_xla_bf16", wrap, tags=("xla_bf16", "autocast") if mode == "mixed" else ("xla_bf16",))

@@ -1,0 +1,190 @@
+"""with_autocast and fp32 islands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from helpers import mlp
+from torch import nn
+
+import ampfn
+
+
+@pytest.mark.parametrize(
+    ("spec", "dtype"),
+    [
+        (torch.float16, torch.float16),
+        ("float16", torch.float16),
+        ("fp16", torch.float16),
+        ("16-mixed", torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("bf16-mixed", torch.bfloat16),
+    ],
+)
+def test_forward_runs_under_autocast(spec: Any, dtype: torch.dtype) -> None:
+    lin = nn.Linear(4, 4)
+
+    @ampfn.with_autocast(spec, "cpu")
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        return lin(x), torch.is_autocast_enabled("cpu")
+
+    out, enabled = forward(torch.randn(2, 4))
+    assert out.dtype == dtype
+    assert enabled
+    assert lin.weight.dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_backward_runs_with_autocast_off(device: str, half: torch.dtype) -> None:
+    seen: list[bool] = []
+    w = torch.ones(3, device=device, requires_grad=True)
+
+    def spy(grad: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.is_autocast_enabled(device))
+        return grad
+
+    w.register_hook(spy)
+
+    @ampfn.with_autocast(half, device)
+    def train_step(x: torch.Tensor) -> bool:
+        ampfn.backward((w * x).sum())
+        return torch.is_autocast_enabled(device)
+
+    assert train_step(torch.ones(3, device=device)) is True
+    assert seen == [False]
+
+
+def test_default_device_type() -> None:
+    t = ampfn.with_autocast("bf16")
+    assert t.name == "with_autocast"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "error", "needle"),
+    [
+        (torch.int8, ValueError, "got torch.int8"),
+        (torch.float64, ValueError, "got torch.float64"),
+        (torch.float32, ValueError, "got torch.float32"),
+        ("half", ValueError, "got 'half'"),
+        ("", ValueError, "got ''"),
+        (16, TypeError, "got int 16"),
+        (None, TypeError, "got NoneType"),
+    ],
+)
+def test_bad_dtype_fails_at_construction(dtype: Any, error: type[Exception], needle: str) -> None:
+    with pytest.raises(error, match=r"with_autocast\(dtype, device_type\): expected torch.float16 or torch.bfloat16") as e:
+        ampfn.with_autocast(dtype, "cpu")
+    assert needle in str(e.value)
+
+
+def test_bad_device_type_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"with_autocast\(dtype, device_type\): .* not available on 'nodevice'"):
+        ampfn.with_autocast("bf16", "nodevice")
+    with pytest.raises(ValueError, match=r"with_autocast\(dtype, device_type\): device_type is a device type"):
+        ampfn.with_autocast("bf16", "cuda:0")
+    with pytest.raises(TypeError, match=r"with_autocast\(dtype, device_type\): device_type must be a string"):
+        ampfn.with_autocast("bf16", torch.device("cpu"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"with_autocast\(dtype, device_type\): cache_enabled must be a bool"):
+        ampfn.with_autocast("bf16", "cpu", cache_enabled="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for an absent CUDA")
+def test_cuda_without_cuda_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"with_autocast\(dtype, device_type\): torch.float16 autocast is not available on 'cuda'"):
+        ampfn.with_autocast("fp16", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.is_bf16_supported(), reason="needs a GPU without bf16")
+def test_bf16_on_a_gpu_without_bf16_fails() -> None:  # pragma: no cover - needs old hardware
+    with pytest.raises(ValueError, match="bfloat16"):
+        ampfn.with_autocast("bf16", "cuda")
+
+
+# --------------------------------------------------------------------------- fp32 islands
+
+
+def _segment_sum(src: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    out = torch.zeros(n, src.shape[1], dtype=src.dtype, device=src.device)
+    return out.index_add(0, index, src)
+
+
+def _scatter_sum(src: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    out = torch.zeros(n, src.shape[1], dtype=src.dtype, device=src.device)
+    return out.scatter_add(0, index[:, None].expand_as(src), src)
+
+
+@pytest.mark.parametrize("reduce", [_segment_sum, _scatter_sum], ids=["index_add", "scatter_add"])
+def test_fp32_island_reduces_in_float32(device: str, half: torch.dtype, reduce: Any) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8).to(device)
+    x = torch.randn(4096, 8, device=device) * 30
+    index = torch.randint(0, 4, (4096,), device=device)
+    reference = reduce(lin(x), index, 4)  # plain fp32
+    island = ampfn.fp32(reduce)
+
+    @ampfn.with_autocast(half, device)
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = lin(x)
+        return h, island(h, index, 4), reduce(h, index, 4)
+
+    h, in_island, in_half = forward(x)
+    assert h.dtype == in_half.dtype == half
+    assert in_island.dtype == torch.float32
+    # The island's input is the half-precision activation; from there on it is plain fp32.
+    assert torch.equal(in_island, reduce(h.float(), index, 4))
+    island_error = (in_island - reference).abs().max().item()
+    half_error = (in_half.float() - reference).abs().max().item()
+    assert island_error < half_error
+
+
+def test_fp32_island_module_wraps_in_place_of_it(device: str, half: torch.dtype) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), ampfn.fp32(nn.Linear(4, 2))).to(device)
+    assert isinstance(model[1], ampfn.FP32Island)
+
+    @ampfn.with_autocast(half, device)
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model[0](x), model(x)
+
+    h, out = forward(torch.randn(3, 4, device=device))
+    assert h.dtype == half
+    assert out.dtype == torch.float32
+    inner = model[1].module
+    assert torch.equal(out, inner(h.float()))
+
+
+def test_fp32_island_keeps_function_identity_and_nested_args() -> None:
+    @ampfn.fp32
+    def total(parts: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        """Sum."""
+        return sum(t.sum() for t in parts["a"])  # type: ignore[return-value]
+
+    assert total.__name__ == "total" and total.__doc__ == "Sum."
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = total({"a": [torch.ones(2, dtype=torch.bfloat16), torch.ones(3, dtype=torch.float16)]})
+    assert out.dtype == torch.float32 and out.item() == 5.0
+
+
+def test_fp32_rejects_non_callables() -> None:
+    with pytest.raises(TypeError, match=r"fp32\(fn_or_module\): expected a function or an nn.Module, got int"):
+        ampfn.fp32(3)
+
+
+def test_fp32_island_trains_with_scaling() -> None:
+    model = nn.Sequential(mlp(), ampfn.fp32(nn.LogSoftmax(dim=-1)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    @ampfn.compose(ampfn.with_grad_scaling(), ampfn.with_autocast("fp16", "cpu"))
+    def train_step(x: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        loss = -out[:, 0].mean()
+        ampfn.backward(loss)
+        ampfn.step(opt)
+        return out
+
+    out = train_step(torch.randn(5, 8))
+    assert out.dtype == torch.float32
