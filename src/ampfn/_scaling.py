@@ -187,11 +187,18 @@ class BoundedScaler(torch.amp.GradScaler):
     """
 
     def __init__(
-        self, device: str, loss_scale: float | str, min_scale: float | None, max_scale: float
+        self,
+        device: str,
+        loss_scale: float | str,
+        min_scale: float | None,
+        max_scale: float,
+        *,
+        init_scale: float = 2.0**16,
+        window: int = 2000,
     ) -> None:
         self.dynamic = loss_scale == "dynamic"
-        init = min(2.0**16, max_scale) if self.dynamic else float(loss_scale)
-        super().__init__(device, init_scale=init, growth_interval=2000, enabled=self.dynamic or init != 1.0)
+        init = min(init_scale, max_scale) if self.dynamic else float(loss_scale)
+        super().__init__(device, init_scale=init, growth_interval=window, enabled=self.dynamic or init != 1.0)
         self.min_scale = min_scale or None  # Apex: a floor of 0 is no floor
         self.max_scale = max_scale
 

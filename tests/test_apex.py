@@ -1,0 +1,309 @@
+"""with_apex: Apex's O0-O3 semantics, native backend (the real apex only where installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import Batch, batches, make_step, max_param_error, mlp, params_equal, twin
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import ampfn
+from ampfn._scaling import BoundedScaler
+
+
+def build(level: str, seed: int = 0, **kw: Any) -> tuple[Any, nn.Module, torch.optim.Optimizer]:
+    model = mlp(seed, batchnorm=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    t = ampfn.with_apex(level, model, opt, backend="native", **kw)
+    return t(make_step(model, opt)), model, opt
+
+
+def dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    return {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()}
+
+
+@pytest.mark.parametrize(
+    ("level", "linear", "batchnorm"),
+    [
+        ("O0", torch.float32, torch.float32),
+        ("O1", torch.float32, torch.float32),
+        ("O2", torch.float16, torch.float32),
+        ("O3", torch.float16, torch.float16),
+    ],
+)
+def test_level_weight_dtypes(level: str, linear: torch.dtype, batchnorm: torch.dtype) -> None:
+    _, model, opt = build(level)
+    for name, dtype in dtypes(model).items():
+        assert dtype == (batchnorm if name.startswith("1.") else linear), name
+    masters = [p.dtype for g in opt.param_groups for p in g["params"]]
+    # O2's optimizer holds fp32 masters; O3 steps the fp16 model itself.
+    assert masters == ([torch.float16] * 6 if level == "O3" else [torch.float32] * 6)
+
+
+def test_keep_batchnorm_fp32_override() -> None:
+    _, model, _ = build("O3", keep_batchnorm_fp32=True)
+    assert dtypes(model)["1.weight"] == torch.float32 and dtypes(model)["0.weight"] == torch.float16
+    _, model, _ = build("O2", keep_batchnorm_fp32=False)
+    assert dtypes(model)["1.running_mean"] == torch.float16
+
+
+@pytest.mark.parametrize(
+    ("level", "hidden", "output"),
+    [("O0", torch.float32, torch.float32), ("O1", torch.float16, torch.float32), ("O2", torch.float16, torch.float32), ("O3", torch.float16, torch.float32)],
+)
+def test_level_compute_dtype(level: str, hidden: torch.dtype, output: torch.dtype) -> None:
+    model = mlp(batchnorm=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: list[torch.dtype] = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+
+    @ampfn.with_apex(level, model, opt, backend="native")
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return model(x).float() if level == "O1" else model(x)
+
+    assert forward(torch.randn(4, 8)).dtype == output  # the user's data stays fp32 in and out
+    assert seen == [hidden]
+
+
+@pytest.mark.parametrize(("level", "tolerance"), [("O0", 0.0), ("O1", 0.02), ("O2", 0.02), ("O3", 0.05)])
+def test_level_trains_close_to_fp32(level: str, tolerance: float) -> None:
+    step, model, _ = build(level)
+    ref = mlp(batchnorm=True)
+    ref_step = make_step(ref, torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9))
+    data = batches(40)
+    for b in data:
+        step(b)
+        ref_step(b)
+    x, y = batches(1, seed=99, size=256)[0]
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        loss, ref_loss = F.cross_entropy(model(x), y).item(), F.cross_entropy(ref(x), y).item()
+    assert ref_loss < 0.5  # it learned
+    assert abs(loss - ref_loss) <= tolerance, (level, loss, ref_loss)
+
+
+def test_o1_equals_core_autocast_plus_scaling() -> None:
+    step, model, _ = build("O1")
+    twin_model = mlp(batchnorm=True)
+    twin_opt = torch.optim.SGD(twin_model.parameters(), lr=0.1, momentum=0.9)
+    core = ampfn.compose(
+        ampfn.with_grad_scaling(torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2000)),
+        ampfn.with_autocast("fp16", "cpu"),
+    )(make_step(twin_model, twin_opt))
+    for b in batches(20):
+        step(b)
+        core(b)
+    assert params_equal(model, twin_model)
+    assert ampfn.state_dict(step)["transforms"][0]["state"]["loss_scaler"] == ampfn.state_dict(core)["transforms"][0]["state"]
+
+
+def test_o2_masters_copied_back_and_skip_is_exact() -> None:
+    model = mlp(batchnorm=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    poison = {"now": False}
+
+    @ampfn.with_apex("O2", model, opt, backend="native")
+    def train_step(b: Batch) -> bool:
+        ampfn.backward(F.cross_entropy(model(b[0]), b[1]))
+        if poison["now"]:
+            masters = opt.param_groups[0]["params"]
+            masters[0].grad.view(-1)[0] = float("inf")
+        stepped = ampfn.step(opt)
+        opt.zero_grad(set_to_none=True)
+        return stepped
+
+    data = batches(6)
+    masters = opt.param_groups[0]["params"]
+    for b in data[:3]:
+        assert train_step(b) is True
+        for p, m in zip(model.parameters(), masters, strict=True):
+            assert torch.equal(p, m.to(p.dtype))
+            assert p.grad is None
+    before_model = twin(model)
+    before_masters = [m.detach().clone() for m in masters]
+    before_state = {id(k): {n: t.clone() for n, t in v.items()} for k, v in opt.state.items()}
+    scale = ampfn.state_dict(train_step)["transforms"][0]["state"]["loss_scaler"]["scaler"]["scale"]
+    poison["now"] = True
+    assert train_step(data[3]) is False
+    assert params_equal(model, before_model)
+    assert all(torch.equal(m, b) for m, b in zip(masters, before_masters, strict=True))
+    for k, v in opt.state.items():
+        assert all(torch.equal(t, before_state[id(k)][n]) for n, t in v.items())
+    after = ampfn.state_dict(train_step)["transforms"][0]["state"]["loss_scaler"]["scaler"]["scale"]
+    assert after == scale / 2
+    poison["now"] = False
+    assert train_step(data[4]) is True
+
+
+def test_o2_accumulates_and_clips_master_gradients() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    norms = []
+
+    @ampfn.with_apex("O2", model, opt, backend="native")
+    def train_step(b: Batch, last: bool) -> None:
+        ampfn.backward(F.cross_entropy(model(b[0]), b[1]) / 2)
+        if last:
+            norms.append(ampfn.clip_grad_norm_(model.parameters(), 0.1, opt))
+            ampfn.step(opt)
+            opt.zero_grad()
+
+    ref = mlp()
+    data = batches(2)
+    for i, b in enumerate(data):
+        train_step(b, last=i == 1)
+        (F.cross_entropy(ref(b[0]), b[1]) / 2).backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+    assert norms[0].dtype == torch.float32
+    torch.testing.assert_close(norms[0], ref_norm, rtol=5e-3, atol=0)
+
+
+def test_o2_checkpoint_resumes_bit_for_bit() -> None:
+    data = batches(12)
+    straight, m1, _ = build("O2")
+    for b in data:
+        straight(b)
+    first, m2, o2 = build("O2")
+    for b in data[:6]:
+        first(b)
+    saved = (ampfn.state_dict(first), m2.state_dict(), o2.state_dict())
+    resumed, m3, o3 = build("O2", seed=5)  # other initial weights: the checkpoint must restore them
+    ampfn.load_state_dict(resumed, saved[0])
+    m3.load_state_dict(saved[1])
+    o3.load_state_dict(saved[2])
+    for b in data[6:]:
+        resumed(b)
+    assert params_equal(m1, m3)
+    assert max_param_error(m1, m3) == 0.0
+    s1, s3 = ampfn.state_dict(straight), ampfn.state_dict(resumed)
+    assert s1["transforms"][0]["state"]["loss_scaler"] == s3["transforms"][0]["state"]["loss_scaler"]
+
+
+def test_static_loss_scale_never_skips() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    @ampfn.with_apex("O3", model, opt, backend="native", loss_scale=128.0)
+    def train_step(b: Batch) -> bool:
+        ampfn.backward(F.cross_entropy(model(b[0]), b[1]))
+        next(model.parameters()).grad.view(-1)[0] = float("inf")  # type: ignore[union-attr]
+        return ampfn.step(opt)
+
+    assert train_step(batches(1)[0]) is True  # Apex steps anyway with a static scale
+    assert not next(model.parameters()).isfinite().all()
+
+
+# --------------------------------------------------------------------------- Apex's scale law
+
+
+def apex_law(events: list[bool], init: float, window: int, lo: float | None, hi: float) -> list[float]:
+    """apex/amp/scaler.py LossScaler.update_scale, transcribed: the scale after each step."""
+    scale, unskipped, out = min(hi, init), 0, []
+    for overflow in events:
+        if overflow:
+            scale = max(lo, scale / 2.0) if lo else scale / 2.0
+            unskipped = 0
+        else:
+            unskipped += 1
+        if unskipped == window:
+            scale, unskipped = min(hi, scale * 2.0), 0
+        out.append(scale)
+    return out
+
+
+@given(
+    events=st.lists(st.booleans(), min_size=1, max_size=30),
+    window=st.integers(1, 4),
+    lo=st.sampled_from([None, 0.0, 2.0**12, 2.0**15]),
+    hi=st.sampled_from([2.0**14, 2.0**16, 2.0**17, 2.0**24]),
+)
+def test_law_dynamic_scale_follows_apex(events: list[bool], window: int, lo: float | None, hi: float) -> None:
+    if lo is not None and lo > hi:
+        lo = hi
+    scaler = BoundedScaler("cpu", "dynamic", lo, hi, window=window)
+    w = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.0)
+    scales = []
+    for overflow in events:
+        scaler.scale(w.sum()).backward()
+        if overflow:
+            w.grad[0] = float("inf")  # type: ignore[index]
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        scales.append(scaler.get_scale())
+    assert scales == apex_law(events, 2.0**16, window, lo, hi)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(("level", "error"), [("O4", ValueError), ("", ValueError), ("o5", ValueError), (1, TypeError), (None, TypeError)])
+def test_bad_level(level: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"with_apex\(level\): level must be one of O0, O1, O2, O3"):
+        ampfn.with_apex(level)
+
+
+def test_lower_case_level_is_accepted() -> None:
+    assert ampfn.with_apex("o1", backend="native").name == "with_apex"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "needle"),
+    [
+        ({"level": "O1", "keep_batchnorm_fp32": True}, ValueError, "keep_batchnorm_fp32 must be None"),
+        ({"level": "O1", "master_weights": True}, ValueError, "master_weights makes no sense with O1"),
+        ({"level": "O2"}, ValueError, "O2 casts the model and its optimizer's parameters, so it needs both"),
+        ({"level": "O3"}, ValueError, "O3 casts the model"),
+        ({"level": "O1", "backend": "cuda"}, ValueError, "backend must be one of 'auto', 'native', 'apex'"),
+        ({"level": "O1", "loss_scale": "static"}, ValueError, "loss_scale must be 'dynamic' or a positive number"),
+        ({"level": "O1", "loss_scale": -1.0}, ValueError, "loss_scale must be"),
+        ({"level": "O1", "min_loss_scale": 8.0, "max_loss_scale": 4.0}, ValueError, "min_loss_scale \\(8.0\\) is above"),
+        ({"level": "O1", "max_loss_scale": None}, ValueError, "max_loss_scale must be a number"),
+        ({"level": "O1", "keep_batchnorm_fp32": "True"}, TypeError, "keep_batchnorm_fp32 must be a bool"),
+        ({"level": "O2", "master_weights": 1}, TypeError, "master_weights must be a bool"),
+        ({"level": "O1", "model": "net"}, TypeError, "model must be an nn.Module"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], needle: str) -> None:
+    level = kwargs.pop("level")
+    with pytest.raises(error, match=r"with_apex\(level\): .*" + needle):
+        ampfn.with_apex(level, **kwargs)
+
+
+def test_model_must_arrive_in_fp32() -> None:
+    model = mlp().half()
+    with pytest.raises(ValueError, match=r"with_apex\(level\): parameter '0.weight' is torch.float16; pass the model in float32"):
+        ampfn.with_apex("O2", model, torch.optim.SGD(model.parameters(), lr=0.1), backend="native")
+
+
+HAS_APEX = importlib.util.find_spec("apex") is not None and importlib.util.find_spec("apex.amp") is not None
+
+
+@pytest.mark.skipif(HAS_APEX, reason="apex is installed")
+def test_apex_backend_without_apex_names_the_fix() -> None:
+    with pytest.raises(ImportError, match=r"with_apex\(level, backend='apex'\): apex.amp cannot be imported .*NVIDIA/apex.*backend='native'"):
+        ampfn.with_apex("O1", backend="apex")
+    assert ampfn.with_apex("O1").name == "with_apex"  # auto falls back to native
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (HAS_APEX and torch.cuda.is_available()), reason="NVIDIA apex.amp and CUDA are not available here")
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_apex_backend_matches_native(level: str) -> None:  # pragma: no cover - needs apex
+    def run(backend: str) -> nn.Module:
+        model = mlp(device="cuda")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        step = ampfn.with_apex(level, model, opt, backend=backend)(make_step(model, opt))
+        for b in batches(10, device="cuda"):
+            step(b)
+        return model
+
+    assert max_param_error(run("apex"), run("native")) < 1e-2
