@@ -45,8 +45,7 @@ def xla(session: nox.Session) -> None:
     """tests/xla on real torch_xla, XLA's CPU backend (about 7 GB, 2 minutes to install)."""
     session.install(*XLA, "-e", ".[test]")
     session.run(
-        "pytest", "tests/xla", "-p", "no:cacheprovider", "--override-ini=addopts=-ra --strict-markers", *session.posargs,
-        env={"PJRT_DEVICE": "CPU", "HYPOTHESIS_PROFILE": "ci"},
+        "pytest", "tests/xla", *session.posargs, env={"PJRT_DEVICE": "CPU", "HYPOTHESIS_PROFILE": "ci"}
     )
 
 
