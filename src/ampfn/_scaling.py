@@ -153,9 +153,11 @@ def with_grad_scaling(scaler: Any = None) -> Transform:
 
     Example:
         >>> import torch, ampfn
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> @ampfn.compose(ampfn.with_grad_scaling(), ampfn.with_autocast("fp16", "cpu"))
+        >>> scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        >>> @ampfn.compose(ampfn.with_grad_scaling(scaler), ampfn.with_autocast("fp16", "cpu"))
         ... def train_step(x):
         ...     loss = model(x).float().pow(2).mean()
         ...     ampfn.backward(loss)
