@@ -24,7 +24,14 @@ def tests(session: nox.Session) -> None:
 def properties(session: nox.Session) -> None:
     """The property tests with many more examples (hypothesis profile 'thorough')."""
     session.install(TORCH, "-e", ".[test]")
-    session.run("pytest", "tests", "-k", "property or law or check", *session.posargs, env={"HYPOTHESIS_PROFILE": "thorough"})
+    session.run(
+        "pytest",
+        "tests",
+        "-k",
+        "property or law or check",
+        *session.posargs,
+        env={"HYPOTHESIS_PROFILE": "thorough"},
+    )
 
 
 @nox.session
@@ -37,7 +44,8 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     session.install(TORCH, "-e", ".[test]", "mypy>=1.11")
-    session.run("mypy", *session.posargs)
+    session.run("mypy", "--strict", "src", *session.posargs)
+    session.run("mypy", "tests", *session.posargs)
 
 
 @nox.session
@@ -45,7 +53,10 @@ def xla(session: nox.Session) -> None:
     """tests/xla on real torch_xla, XLA's CPU backend (about 7 GB, 2 minutes to install)."""
     session.install(*XLA, "-e", ".[test]")
     session.run(
-        "pytest", "tests/xla", *session.posargs, env={"PJRT_DEVICE": "CPU", "HYPOTHESIS_PROFILE": "ci"}
+        "pytest",
+        "tests/xla",
+        *session.posargs,
+        env={"PJRT_DEVICE": "CPU", "HYPOTHESIS_PROFILE": "ci"},
     )
 
 

@@ -34,7 +34,9 @@ def batches(n: int, seed: int = 1, device: str = "cpu", size: int = 16) -> list[
     return out
 
 
-def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip: float | None = None) -> Callable[[Batch], Any]:
+def make_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, clip: float | None = None
+) -> Callable[[Batch], Any]:
     """A step written with ampfn's effects; returns (loss, stepped)."""
 
     def train_step(batch: Batch) -> tuple[torch.Tensor, bool]:
@@ -55,8 +57,13 @@ def twin(model: nn.Module) -> nn.Module:
 
 
 def params_equal(a: nn.Module, b: nn.Module) -> bool:
-    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    return all(
+        torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True)
+    )
 
 
 def max_param_error(a: nn.Module, b: nn.Module) -> float:
-    return max((p.float() - q.float()).abs().max().item() for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    return max(
+        (p.float() - q.float()).abs().max().item()
+        for p, q in zip(a.parameters(), b.parameters(), strict=True)
+    )

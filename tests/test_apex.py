@@ -8,16 +8,18 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Batch, batches, make_step, max_param_error, mlp, params_equal, twin
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import ampfn
 from ampfn._scaling import BoundedScaler
+from helpers import Batch, batches, make_step, max_param_error, mlp, params_equal, twin
 
 
-def build(level: str, seed: int = 0, **kw: Any) -> tuple[Any, nn.Module, torch.optim.Optimizer]:
+def build(
+    level: str, seed: int = 0, **kw: Any
+) -> tuple[Any, nn.Module, torch.optim.Optimizer]:
     model = mlp(seed, batchnorm=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     t = ampfn.with_apex(level, model, opt, backend="native", **kw)
@@ -25,7 +27,11 @@ def build(level: str, seed: int = 0, **kw: Any) -> tuple[Any, nn.Module, torch.o
 
 
 def dtypes(model: nn.Module) -> dict[str, torch.dtype]:
-    return {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()}
+    return {
+        n: t.dtype
+        for n, t in [*model.named_parameters(), *model.named_buffers()]
+        if t.is_floating_point()
+    }
 
 
 @pytest.mark.parametrize(
@@ -37,7 +43,9 @@ def dtypes(model: nn.Module) -> dict[str, torch.dtype]:
         ("O3", torch.float16, torch.float16),
     ],
 )
-def test_level_weight_dtypes(level: str, linear: torch.dtype, batchnorm: torch.dtype) -> None:
+def test_level_weight_dtypes(
+    level: str, linear: torch.dtype, batchnorm: torch.dtype
+) -> None:
     _, model, opt = build(level)
     for name, dtype in dtypes(model).items():
         assert dtype == (batchnorm if name.startswith("1.") else linear), name
@@ -48,16 +56,24 @@ def test_level_weight_dtypes(level: str, linear: torch.dtype, batchnorm: torch.d
 
 def test_keep_batchnorm_fp32_override() -> None:
     _, model, _ = build("O3", keep_batchnorm_fp32=True)
-    assert dtypes(model)["1.weight"] == torch.float32 and dtypes(model)["0.weight"] == torch.float16
+    assert dtypes(model)["1.weight"] == torch.float32
+    assert dtypes(model)["0.weight"] == torch.float16
     _, model, _ = build("O2", keep_batchnorm_fp32=False)
     assert dtypes(model)["1.running_mean"] == torch.float16
 
 
 @pytest.mark.parametrize(
     ("level", "hidden", "output"),
-    [("O0", torch.float32, torch.float32), ("O1", torch.float16, torch.float32), ("O2", torch.float16, torch.float32), ("O3", torch.float16, torch.float32)],
+    [
+        ("O0", torch.float32, torch.float32),
+        ("O1", torch.float16, torch.float32),
+        ("O2", torch.float16, torch.float32),
+        ("O3", torch.float16, torch.float32),
+    ],
 )
-def test_level_compute_dtype(level: str, hidden: torch.dtype, output: torch.dtype) -> None:
+def test_level_compute_dtype(
+    level: str, hidden: torch.dtype, output: torch.dtype
+) -> None:
     model = mlp(batchnorm=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     seen: list[torch.dtype] = []
@@ -67,11 +83,15 @@ def test_level_compute_dtype(level: str, hidden: torch.dtype, output: torch.dtyp
     def forward(x: torch.Tensor) -> torch.Tensor:
         return model(x).float() if level == "O1" else model(x)
 
-    assert forward(torch.randn(4, 8)).dtype == output  # the user's data stays fp32 in and out
+    assert (
+        forward(torch.randn(4, 8)).dtype == output
+    )  # the user's data stays fp32 in and out
     assert seen == [hidden]
 
 
-@pytest.mark.parametrize(("level", "tolerance"), [("O0", 0.0), ("O1", 0.02), ("O2", 0.02), ("O3", 0.05)])
+@pytest.mark.parametrize(
+    ("level", "tolerance"), [("O0", 0.0), ("O1", 0.02), ("O2", 0.02), ("O3", 0.05)]
+)
 def test_level_trains_close_to_fp32(level: str, tolerance: float) -> None:
     step, model, _ = build(level)
     ref = mlp(batchnorm=True)
@@ -84,7 +104,10 @@ def test_level_trains_close_to_fp32(level: str, tolerance: float) -> None:
     model.eval()
     ref.eval()
     with torch.no_grad():
-        loss, ref_loss = F.cross_entropy(model(x), y).item(), F.cross_entropy(ref(x), y).item()
+        loss, ref_loss = (
+            F.cross_entropy(model(x), y).item(),
+            F.cross_entropy(ref(x), y).item(),
+        )
     assert ref_loss < 0.5  # it learned
     assert abs(loss - ref_loss) <= tolerance, (level, loss, ref_loss)
 
@@ -94,14 +117,19 @@ def test_o1_equals_core_autocast_plus_scaling() -> None:
     twin_model = mlp(batchnorm=True)
     twin_opt = torch.optim.SGD(twin_model.parameters(), lr=0.1, momentum=0.9)
     core = ampfn.compose(
-        ampfn.with_grad_scaling(torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2000)),
+        ampfn.with_grad_scaling(
+            torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2000)
+        ),
         ampfn.with_autocast("fp16", "cpu"),
     )(make_step(twin_model, twin_opt))
     for b in batches(20):
         step(b)
         core(b)
     assert params_equal(model, twin_model)
-    assert ampfn.state_dict(step)["transforms"][0]["state"]["loss_scaler"] == ampfn.state_dict(core)["transforms"][0]["state"]
+    assert (
+        ampfn.state_dict(step)["transforms"][0]["state"]["loss_scaler"]
+        == ampfn.state_dict(core)["transforms"][0]["state"]
+    )
 
 
 def test_o2_masters_copied_back_and_skip_is_exact() -> None:
@@ -128,15 +156,21 @@ def test_o2_masters_copied_back_and_skip_is_exact() -> None:
             assert p.grad is None
     before_model = twin(model)
     before_masters = [m.detach().clone() for m in masters]
-    before_state = {id(k): {n: t.clone() for n, t in v.items()} for k, v in opt.state.items()}
-    scale = ampfn.state_dict(train_step)["transforms"][0]["state"]["loss_scaler"]["scaler"]["scale"]
+    before_state = {
+        id(k): {n: t.clone() for n, t in v.items()} for k, v in opt.state.items()
+    }
+    scale = ampfn.state_dict(train_step)["transforms"][0]["state"]["loss_scaler"][
+        "scaler"
+    ]["scale"]
     poison["now"] = True
     assert train_step(data[3]) is False
     assert params_equal(model, before_model)
     assert all(torch.equal(m, b) for m, b in zip(masters, before_masters, strict=True))
     for k, v in opt.state.items():
         assert all(torch.equal(t, before_state[id(k)][n]) for n, t in v.items())
-    after = ampfn.state_dict(train_step)["transforms"][0]["state"]["loss_scaler"]["scaler"]["scale"]
+    after = ampfn.state_dict(train_step)["transforms"][0]["state"]["loss_scaler"][
+        "scaler"
+    ]["scale"]
     assert after == scale / 2
     poison["now"] = False
     assert train_step(data[4]) is True
@@ -174,7 +208,9 @@ def test_o2_checkpoint_resumes_bit_for_bit() -> None:
     for b in data[:6]:
         first(b)
     saved = (ampfn.state_dict(first), m2.state_dict(), o2.state_dict())
-    resumed, m3, o3 = build("O2", seed=5)  # other initial weights: the checkpoint must restore them
+    resumed, m3, o3 = build(
+        "O2", seed=5
+    )  # other initial weights: the checkpoint must restore them
     ampfn.load_state_dict(resumed, saved[0])
     m3.load_state_dict(saved[1])
     o3.load_state_dict(saved[2])
@@ -183,7 +219,10 @@ def test_o2_checkpoint_resumes_bit_for_bit() -> None:
     assert params_equal(m1, m3)
     assert max_param_error(m1, m3) == 0.0
     s1, s3 = ampfn.state_dict(straight), ampfn.state_dict(resumed)
-    assert s1["transforms"][0]["state"]["loss_scaler"] == s3["transforms"][0]["state"]["loss_scaler"]
+    assert (
+        s1["transforms"][0]["state"]["loss_scaler"]
+        == s3["transforms"][0]["state"]["loss_scaler"]
+    )
 
 
 def test_static_loss_scale_never_skips() -> None:
@@ -203,7 +242,9 @@ def test_static_loss_scale_never_skips() -> None:
 # --------------------------------------------------------------------------- Apex's scale law
 
 
-def apex_law(events: list[bool], init: float, window: int, lo: float | None, hi: float) -> list[float]:
+def apex_law(
+    events: list[bool], init: float, window: int, lo: float | None, hi: float
+) -> list[float]:
     """apex/amp/scaler.py LossScaler.update_scale, transcribed: the scale after each step."""
     scale, unskipped, out = min(hi, init), 0, []
     for overflow in events:
@@ -224,7 +265,9 @@ def apex_law(events: list[bool], init: float, window: int, lo: float | None, hi:
     lo=st.sampled_from([None, 0.0, 2.0**12, 2.0**15]),
     hi=st.sampled_from([2.0**14, 2.0**16, 2.0**17, 2.0**24]),
 )
-def test_law_dynamic_scale_follows_apex(events: list[bool], window: int, lo: float | None, hi: float) -> None:
+def test_law_dynamic_scale_follows_apex(
+    events: list[bool], window: int, lo: float | None, hi: float
+) -> None:
     if lo is not None and lo > hi:
         lo = hi
     scaler = BoundedScaler("cpu", "dynamic", lo, hi, window=window)
@@ -245,9 +288,20 @@ def test_law_dynamic_scale_follows_apex(events: list[bool], window: int, lo: flo
 # --------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize(("level", "error"), [("O4", ValueError), ("", ValueError), ("o5", ValueError), (1, TypeError), (None, TypeError)])
+@pytest.mark.parametrize(
+    ("level", "error"),
+    [
+        ("O4", ValueError),
+        ("", ValueError),
+        ("o5", ValueError),
+        (1, TypeError),
+        (None, TypeError),
+    ],
+)
 def test_bad_level(level: Any, error: type[Exception]) -> None:
-    with pytest.raises(error, match=r"with_apex\(level\): level must be one of O0, O1, O2, O3"):
+    with pytest.raises(
+        error, match=r"with_apex\(level\): level must be one of O0, O1, O2, O3"
+    ):
         ampfn.with_apex(level)
 
 
@@ -258,21 +312,59 @@ def test_lower_case_level_is_accepted() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "needle"),
     [
-        ({"level": "O1", "keep_batchnorm_fp32": True}, ValueError, "keep_batchnorm_fp32 must be None"),
-        ({"level": "O1", "master_weights": True}, ValueError, "master_weights makes no sense with O1"),
-        ({"level": "O2"}, ValueError, "O2 casts the model and its optimizer's parameters, so it needs both"),
+        (
+            {"level": "O1", "keep_batchnorm_fp32": True},
+            ValueError,
+            "keep_batchnorm_fp32 must be None",
+        ),
+        (
+            {"level": "O1", "master_weights": True},
+            ValueError,
+            "master_weights makes no sense with O1",
+        ),
+        (
+            {"level": "O2"},
+            ValueError,
+            "O2 casts the model and its optimizer's parameters, so it needs both",
+        ),
         ({"level": "O3"}, ValueError, "O3 casts the model"),
-        ({"level": "O1", "backend": "cuda"}, ValueError, "backend must be one of 'auto', 'native', 'apex'"),
-        ({"level": "O1", "loss_scale": "static"}, ValueError, "loss_scale must be 'dynamic' or a positive number"),
+        (
+            {"level": "O1", "backend": "cuda"},
+            ValueError,
+            "backend must be one of 'auto', 'native', 'apex'",
+        ),
+        (
+            {"level": "O1", "loss_scale": "static"},
+            ValueError,
+            "loss_scale must be 'dynamic' or a positive number",
+        ),
         ({"level": "O1", "loss_scale": -1.0}, ValueError, "loss_scale must be"),
-        ({"level": "O1", "min_loss_scale": 8.0, "max_loss_scale": 4.0}, ValueError, "min_loss_scale \\(8.0\\) is above"),
-        ({"level": "O1", "max_loss_scale": None}, ValueError, "max_loss_scale must be a number"),
-        ({"level": "O1", "keep_batchnorm_fp32": "True"}, TypeError, "keep_batchnorm_fp32 must be a bool"),
-        ({"level": "O2", "master_weights": 1}, TypeError, "master_weights must be a bool"),
+        (
+            {"level": "O1", "min_loss_scale": 8.0, "max_loss_scale": 4.0},
+            ValueError,
+            "min_loss_scale \\(8.0\\) is above",
+        ),
+        (
+            {"level": "O1", "max_loss_scale": None},
+            ValueError,
+            "max_loss_scale must be a number",
+        ),
+        (
+            {"level": "O1", "keep_batchnorm_fp32": "True"},
+            TypeError,
+            "keep_batchnorm_fp32 must be a bool",
+        ),
+        (
+            {"level": "O2", "master_weights": 1},
+            TypeError,
+            "master_weights must be a bool",
+        ),
         ({"level": "O1", "model": "net"}, TypeError, "model must be an nn.Module"),
     ],
 )
-def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], needle: str) -> None:
+def test_bad_arguments(
+    kwargs: dict[str, Any], error: type[Exception], needle: str
+) -> None:
     level = kwargs.pop("level")
     with pytest.raises(error, match=r"with_apex\(level\): .*" + needle):
         ampfn.with_apex(level, **kwargs)
@@ -280,28 +372,46 @@ def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], needle: s
 
 def test_model_must_arrive_in_fp32() -> None:
     model = mlp().half()
-    with pytest.raises(ValueError, match=r"with_apex\(level\): parameter '0.weight' is torch.float16; pass the model in float32"):
-        ampfn.with_apex("O2", model, torch.optim.SGD(model.parameters(), lr=0.1), backend="native")
+    with pytest.raises(
+        ValueError,
+        match=r"with_apex\(level\): parameter '0.weight' is torch.float16; pass the model in float32",
+    ):
+        ampfn.with_apex(
+            "O2", model, torch.optim.SGD(model.parameters(), lr=0.1), backend="native"
+        )
 
 
-HAS_APEX = importlib.util.find_spec("apex") is not None and importlib.util.find_spec("apex.amp") is not None
+HAS_APEX = (
+    importlib.util.find_spec("apex") is not None
+    and importlib.util.find_spec("apex.amp") is not None
+)
 
 
 @pytest.mark.skipif(HAS_APEX, reason="apex is installed")
 def test_apex_backend_without_apex_names_the_fix() -> None:
-    with pytest.raises(ImportError, match=r"with_apex\(level, backend='apex'\): apex.amp cannot be imported .*NVIDIA/apex.*backend='native'"):
+    with pytest.raises(
+        ImportError,
+        match=r"with_apex\(level, backend='apex'\): apex.amp cannot be imported .*NVIDIA/apex.*backend='native'",
+    ):
         ampfn.with_apex("O1", backend="apex")
     assert ampfn.with_apex("O1").name == "with_apex"  # auto falls back to native
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not (HAS_APEX and torch.cuda.is_available()), reason="NVIDIA apex.amp and CUDA are not available here")
+@pytest.mark.skipif(
+    not (HAS_APEX and torch.cuda.is_available()),
+    reason="NVIDIA apex.amp and CUDA are not available here",
+)
 @pytest.mark.parametrize("level", ["O1", "O2"])
-def test_apex_backend_matches_native(level: str) -> None:  # pragma: no cover - needs apex
+def test_apex_backend_matches_native(
+    level: str,
+) -> None:  # pragma: no cover - needs apex
     def run(backend: str) -> nn.Module:
         model = mlp(device="cuda")
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        step = ampfn.with_apex(level, model, opt, backend=backend)(make_step(model, opt))
+        step = ampfn.with_apex(level, model, opt, backend=backend)(
+            make_step(model, opt)
+        )
         for b in batches(10, device="cuda"):
             step(b)
         return model

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import mlp
 from torch import nn
 
 import ampfn
+from helpers import mlp
 
 
 @pytest.mark.parametrize(
@@ -75,32 +75,59 @@ def test_default_device_type() -> None:
         (None, TypeError, "got NoneType"),
     ],
 )
-def test_bad_dtype_fails_at_construction(dtype: Any, error: type[Exception], needle: str) -> None:
-    with pytest.raises(error, match=r"with_autocast\(dtype, device_type\): expected torch.float16 or torch.bfloat16") as e:
+def test_bad_dtype_fails_at_construction(
+    dtype: Any, error: type[Exception], needle: str
+) -> None:
+    with pytest.raises(
+        error,
+        match=r"with_autocast\(dtype, device_type\): expected torch.float16 or torch.bfloat16",
+    ) as e:
         ampfn.with_autocast(dtype, "cpu")
     assert needle in str(e.value)
 
 
 def test_bad_device_type_fails_at_construction() -> None:
-    with pytest.raises(ValueError, match=r"with_autocast\(dtype, device_type\): .* not available on 'nodevice'"):
+    with pytest.raises(
+        ValueError,
+        match=r"with_autocast\(dtype, device_type\): .* not available on 'nodevice'",
+    ):
         ampfn.with_autocast("bf16", "nodevice")
-    with pytest.raises(ValueError, match=r"with_autocast\(dtype, device_type\): device_type is a device type"):
+    with pytest.raises(
+        ValueError,
+        match=r"with_autocast\(dtype, device_type\): device_type is a device type",
+    ):
         ampfn.with_autocast("bf16", "cuda:0")
-    with pytest.raises(TypeError, match=r"with_autocast\(dtype, device_type\): device_type must be a string"):
+    with pytest.raises(
+        TypeError,
+        match=r"with_autocast\(dtype, device_type\): device_type must be a string",
+    ):
         ampfn.with_autocast("bf16", torch.device("cpu"))  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"with_autocast\(dtype, device_type\): cache_enabled must be a bool"):
+    with pytest.raises(
+        TypeError,
+        match=r"with_autocast\(dtype, device_type\): cache_enabled must be a bool",
+    ):
         ampfn.with_autocast("bf16", "cpu", cache_enabled="yes")  # type: ignore[arg-type]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for an absent CUDA")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the error for an absent CUDA"
+)
 def test_cuda_without_cuda_fails_at_construction() -> None:
-    with pytest.raises(ValueError, match=r"with_autocast\(dtype, device_type\): torch.float16 autocast is not available on 'cuda'"):
+    with pytest.raises(
+        ValueError,
+        match=r"with_autocast\(dtype, device_type\): torch.float16 autocast is not available on 'cuda'",
+    ):
         ampfn.with_autocast("fp16", "cuda")
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.is_bf16_supported(), reason="needs a GPU without bf16")
-def test_bf16_on_a_gpu_without_bf16_fails() -> None:  # pragma: no cover - needs old hardware
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.is_bf16_supported(),
+    reason="needs a GPU without bf16",
+)
+def test_bf16_on_a_gpu_without_bf16_fails() -> (
+    None
+):  # pragma: no cover - needs old hardware
     with pytest.raises(ValueError, match="bfloat16"):
         ampfn.with_autocast("bf16", "cuda")
 
@@ -118,8 +145,12 @@ def _scatter_sum(src: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor
     return out.scatter_add(0, index[:, None].expand_as(src), src)
 
 
-@pytest.mark.parametrize("reduce", [_segment_sum, _scatter_sum], ids=["index_add", "scatter_add"])
-def test_fp32_island_reduces_in_float32(device: str, half: torch.dtype, reduce: Any) -> None:
+@pytest.mark.parametrize(
+    "reduce", [_segment_sum, _scatter_sum], ids=["index_add", "scatter_add"]
+)
+def test_fp32_island_reduces_in_float32(
+    device: str, half: torch.dtype, reduce: Any
+) -> None:
     torch.manual_seed(0)
     lin = nn.Linear(8, 8).to(device)
     x = torch.randn(4096, 8, device=device) * 30
@@ -142,7 +173,9 @@ def test_fp32_island_reduces_in_float32(device: str, half: torch.dtype, reduce: 
     assert island_error < half_error
 
 
-def test_fp32_island_module_wraps_in_place_of_it(device: str, half: torch.dtype) -> None:
+def test_fp32_island_module_wraps_in_place_of_it(
+    device: str, half: torch.dtype
+) -> None:
     model = nn.Sequential(nn.Linear(4, 4), ampfn.fp32(nn.Linear(4, 2))).to(device)
     assert isinstance(model[1], ampfn.FP32Island)
 
@@ -163,15 +196,27 @@ def test_fp32_island_keeps_function_identity_and_nested_args() -> None:
         """Sum."""
         return sum(t.sum() for t in parts["a"])  # type: ignore[return-value]
 
-    assert total.__name__ == "total" and total.__doc__ == "Sum."
+    assert total.__name__ == "total"
+    assert total.__doc__ == "Sum."
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = total({"a": [torch.ones(2, dtype=torch.bfloat16), torch.ones(3, dtype=torch.float16)]})
-    assert out.dtype == torch.float32 and out.item() == 5.0
+        out = total(
+            {
+                "a": [
+                    torch.ones(2, dtype=torch.bfloat16),
+                    torch.ones(3, dtype=torch.float16),
+                ]
+            }
+        )
+    assert out.dtype == torch.float32
+    assert out.item() == 5.0
 
 
 def test_fp32_rejects_non_callables() -> None:
-    with pytest.raises(TypeError, match=r"fp32\(fn_or_module\): expected a function or an nn.Module, got int"):
-        ampfn.fp32(3)
+    with pytest.raises(
+        TypeError,
+        match=r"fp32\(fn_or_module\): expected a function or an nn.Module, got int",
+    ):
+        ampfn.fp32(3)  # type: ignore[call-overload]
 
 
 def test_fp32_island_trains_with_scaling() -> None:

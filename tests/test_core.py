@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import batches, make_step, mlp, params_equal, twin
 from hypothesis import given
 from hypothesis import strategies as st
 
 import ampfn
 from ampfn._core import HANDLERS
+from helpers import batches, make_step, mlp, params_equal, twin
 
 Step = Callable[[tuple[int, ...]], tuple[int, ...]]
 
@@ -57,16 +57,25 @@ def test_law_compose_is_associative(a: list[int], b: list[int], c: list[int]) ->
 def test_law_compose_identity(ks: list[int]) -> None:
     assert ampfn.compose()(ident) is ident
     t = ampfn.compose(*map(tagger, ks))
-    assert ampfn.compose(ampfn.compose(), t)(ident)(()) == ampfn.compose(t, ampfn.compose())(ident)(()) == tuple(ks)
+    assert (
+        ampfn.compose(ampfn.compose(), t)(ident)(())
+        == ampfn.compose(t, ampfn.compose())(ident)(())
+        == tuple(ks)
+    )
 
 
 def test_compose_rejects_non_callables_naming_the_position() -> None:
-    with pytest.raises(TypeError, match=r"compose\(\*transforms\): transform at position 1 is not callable"):
+    with pytest.raises(
+        TypeError,
+        match=r"compose\(\*transforms\): transform at position 1 is not callable",
+    ):
         ampfn.compose(tagger(0), 3)  # type: ignore[arg-type]
 
 
 def test_transform_rejects_non_callable_step() -> None:
-    with pytest.raises(TypeError, match=r"with_grad_scaling\(step\): expected a callable"):
+    with pytest.raises(
+        TypeError, match=r"with_grad_scaling\(step\): expected a callable"
+    ):
         ampfn.with_grad_scaling()(42)  # type: ignore[arg-type]
 
 
@@ -75,11 +84,15 @@ def test_transform_rejects_non_callable_step() -> None:
     [
         lambda: ampfn.with_autocast("bf16", "cpu"),
         lambda: ampfn.with_grad_scaling(),
-        lambda: ampfn.compose(ampfn.with_grad_scaling(), ampfn.with_autocast("fp16", "cpu")),
+        lambda: ampfn.compose(
+            ampfn.with_grad_scaling(), ampfn.with_autocast("fp16", "cpu")
+        ),
         lambda: ampfn.with_apex("O1", backend="native"),
     ],
 )
-def test_wrapped_step_keeps_identity_and_does_not_mutate(transform: Callable[[], Any]) -> None:
+def test_wrapped_step_keeps_identity_and_does_not_mutate(
+    transform: Callable[[], Any],
+) -> None:
     def train_step(batch: int) -> int:
         """Doc of the step."""
         return batch + 1
@@ -116,7 +129,9 @@ def test_effects_without_transforms_equal_plain_torch() -> None:
 
 
 def test_effects_validate_loss_type() -> None:
-    with pytest.raises(TypeError, match=r"ampfn.backward\(loss\): expected a torch.Tensor, got float"):
+    with pytest.raises(
+        TypeError, match=r"ampfn.backward\(loss\): expected a torch.Tensor, got float"
+    ):
         ampfn.backward(1.0)  # type: ignore[arg-type]
 
 
@@ -150,7 +165,10 @@ def test_handlers_are_per_thread() -> None:
         depths[name] = len(HANDLERS.get())
         barrier.wait()
 
-    threads = [threading.Thread(target=wrapped, args=("a",)), threading.Thread(target=plain, args=("b",))]
+    threads = [
+        threading.Thread(target=wrapped, args=("a",)),
+        threading.Thread(target=plain, args=("b",)),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -180,7 +198,9 @@ class _LogHandler(ampfn._core.Handler):
     def __init__(self, name: str, log: list[str]) -> None:
         self.name, self.log = name, log
 
-    def backward(self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    def backward(
+        self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
+    ) -> None:
         self.log.append(self.name)
         proceed(loss, kwargs)
 
@@ -194,22 +214,36 @@ def test_state_dict_of_plain_and_stateless_pipelines() -> None:
 def test_load_state_dict_rejects_another_pipeline() -> None:
     scaled = ampfn.with_grad_scaling()(lambda b: b)
     plain = ampfn.with_autocast("bf16", "cpu")(lambda b: b)
-    with pytest.raises(ValueError, match=r"ampfn.load_state_dict\(wrapped_step, state\): the state was saved"):
+    with pytest.raises(
+        ValueError,
+        match=r"ampfn.load_state_dict\(wrapped_step, state\): the state was saved",
+    ):
         ampfn.load_state_dict(plain, ampfn.state_dict(scaled))
-    with pytest.raises(TypeError, match=r"ampfn.load_state_dict\(wrapped_step, state\): expected a dict"):
+    with pytest.raises(
+        TypeError,
+        match=r"ampfn.load_state_dict\(wrapped_step, state\): expected a dict",
+    ):
         ampfn.load_state_dict(plain, [])  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"ampfn.state_dict\(wrapped_step\): expected a step"):
+    with pytest.raises(
+        TypeError, match=r"ampfn.state_dict\(wrapped_step\): expected a step"
+    ):
         ampfn.state_dict(3)  # type: ignore[arg-type]
 
 
 def test_two_scalers_in_one_pipeline_are_an_error() -> None:
     with pytest.raises(ValueError, match="two loss-scaling transforms"):
-        ampfn.compose(ampfn.with_grad_scaling(), ampfn.with_autocast("fp16", "cpu"), ampfn.with_grad_scaling())
+        ampfn.compose(
+            ampfn.with_grad_scaling(),
+            ampfn.with_autocast("fp16", "cpu"),
+            ampfn.with_grad_scaling(),
+        )
     inner = ampfn.with_grad_scaling()(lambda b: b)
     with pytest.raises(ValueError, match="two loss-scaling transforms"):
         ampfn.with_grad_scaling()(inner)
     with pytest.raises(ValueError, match="two loss-scaling transforms"):
-        ampfn.compose(ampfn.with_apex("O1", backend="native"), ampfn.with_grad_scaling())
+        ampfn.compose(
+            ampfn.with_apex("O1", backend="native"), ampfn.with_grad_scaling()
+        )
 
 
 def test_nested_pipelines_flatten() -> None:
@@ -221,8 +255,12 @@ def test_nested_pipelines_flatten() -> None:
     twin_opt = torch.optim.SGD(twin_model.parameters(), lr=0.1)
     s1 = torch.amp.GradScaler("cpu", init_scale=256.0)
     s2 = torch.amp.GradScaler("cpu", init_scale=256.0)
-    composed = ampfn.compose(ampfn.with_grad_scaling(s1), ampfn.with_autocast("bf16", "cpu"))(make_step(model, opt))
-    stacked = ampfn.with_grad_scaling(s2)(ampfn.with_autocast("bf16", "cpu")(make_step(twin_model, twin_opt)))
+    composed = ampfn.compose(
+        ampfn.with_grad_scaling(s1), ampfn.with_autocast("bf16", "cpu")
+    )(make_step(model, opt))
+    stacked = ampfn.with_grad_scaling(s2)(
+        ampfn.with_autocast("bf16", "cpu")(make_step(twin_model, twin_opt))
+    )
     for batch in batches(4):
         composed(batch)
         stacked(batch)

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Batch, batches, make_step, mlp, params_equal, twin
 
 import ampfn
+from helpers import Batch, batches, make_step, mlp, params_equal, twin
 
 SKIP_AT = 3
 ITERS = 8
@@ -25,7 +25,9 @@ def poison(model: torch.nn.Module) -> None:
     first.grad.view(-1)[0] = float("inf")
 
 
-def control_run(device: str, clip: float | None = None, accumulate: int = 1) -> tuple[torch.nn.Module, Any, list[Any]]:
+def control_run(
+    device: str, clip: float | None = None, accumulate: int = 1
+) -> tuple[torch.nn.Module, Any, list[Any]]:
     """The hand-written torch.autocast + GradScaler loop: PyTorch's recipe."""
     model = mlp(device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -49,14 +51,18 @@ def control_run(device: str, clip: float | None = None, accumulate: int = 1) -> 
     return model, s, norms
 
 
-def ampfn_run(device: str, clip: float | None = None, accumulate: int = 1) -> tuple[torch.nn.Module, Any, list[Any], list[bool]]:
+def ampfn_run(
+    device: str, clip: float | None = None, accumulate: int = 1
+) -> tuple[torch.nn.Module, Any, list[Any], list[bool]]:
     model = mlp(device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     s = scaler(device)
     norms: list[Any] = []
     calls = {"n": 0}
 
-    @ampfn.compose(ampfn.with_grad_scaling(s), ampfn.with_autocast(torch.float16, device))
+    @ampfn.compose(
+        ampfn.with_grad_scaling(s), ampfn.with_autocast(torch.float16, device)
+    )
     def train_step(batch: Batch) -> bool | None:
         i, j = divmod(calls["n"], accumulate)
         calls["n"] += 1
@@ -100,9 +106,21 @@ def test_matches_hand_written_with_gradient_accumulation(device: str) -> None:
 
 
 def test_matches_hand_written_with_two_optimizers(device: str) -> None:
-    def build() -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, torch.optim.Optimizer, Any]:
+    def build() -> tuple[
+        torch.nn.Module,
+        torch.nn.Module,
+        torch.optim.Optimizer,
+        torch.optim.Optimizer,
+        Any,
+    ]:
         a, b = mlp(0, device), mlp(1, device)
-        return a, b, torch.optim.SGD(a.parameters(), lr=0.05), torch.optim.Adam(b.parameters(), lr=1e-3), scaler(device)
+        return (
+            a,
+            b,
+            torch.optim.SGD(a.parameters(), lr=0.05),
+            torch.optim.Adam(b.parameters(), lr=1e-3),
+            scaler(device),
+        )
 
     a1, b1, oa1, ob1, s1 = build()
     a2, b2, oa2, ob2, s2 = build()
@@ -134,7 +152,8 @@ def test_matches_hand_written_with_two_optimizers(device: str) -> None:
         return stepped
 
     results = [train_step(batch) for batch in data]
-    assert params_equal(a1, a2) and params_equal(b1, b2)
+    assert params_equal(a1, a2)
+    assert params_equal(b1, b2)
     assert s1.state_dict() == s2.state_dict()
     # GradScaler skips only the optimizer whose gradients overflowed, and backs off once.
     assert results == [(True, i != SKIP_AT) for i in range(ITERS)]
@@ -157,7 +176,9 @@ def test_skip_leaves_parameters_and_optimizer_state_untouched() -> None:
     step = ampfn.with_grad_scaling(scaler("cpu"))(make_step(model, opt))
     step(batches(1)[0])
     before = twin(model)
-    state_before = {k: {n: t.clone() for n, t in v.items()} for k, v in opt.state.items()}
+    state_before = {
+        k: {n: t.clone() for n, t in v.items()} for k, v in opt.state.items()
+    }
 
     @ampfn.with_grad_scaling(scaler("cpu"))
     def poisoned(batch: Batch) -> bool:
@@ -188,7 +209,11 @@ def test_fused_optimizer_reports_skips() -> None:
         opt.zero_grad()
         return stepped
 
-    assert [train_step(b, i == 1) for i, b in enumerate(batches(3))] == [True, False, True]
+    assert [train_step(b, i == 1) for i, b in enumerate(batches(3))] == [
+        True,
+        False,
+        True,
+    ]
 
 
 def test_unscale_is_once_per_update_and_clip_returns_true_norm() -> None:
@@ -220,7 +245,9 @@ def test_backward_after_unscale_is_an_error() -> None:
         ampfn.unscale_(opt)
         ampfn.backward(model(b[0]).sum())
 
-    with pytest.raises(RuntimeError, match=r"ampfn.backward\(loss\): called after ampfn.unscale_"):
+    with pytest.raises(
+        RuntimeError, match=r"ampfn.backward\(loss\): called after ampfn.unscale_"
+    ):
         train_step(batches(1)[0])
 
 
@@ -273,9 +300,9 @@ def test_state_dict_round_trip_continues_bit_for_bit() -> None:
     def build() -> tuple[Any, torch.nn.Module, torch.optim.Optimizer]:
         model = mlp()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        step = ampfn.compose(ampfn.with_grad_scaling(scaler("cpu")), ampfn.with_autocast("fp16", "cpu"))(
-            make_step(model, opt)
-        )
+        step = ampfn.compose(
+            ampfn.with_grad_scaling(scaler("cpu")), ampfn.with_autocast("fp16", "cpu")
+        )(make_step(model, opt))
         return step, model, opt
 
     straight, m1, _ = build()
@@ -302,19 +329,28 @@ def test_accepts_objects_with_the_grad_scaler_interface() -> None:
     ampfn.with_grad_scaling(ShardedGradScaler("cpu"))
 
     class Duck:
-        def scale(self, x: Any) -> Any: ...
+        def scale(self, x: Any) -> Any:
+            return x
+
         def unscale_(self, o: Any) -> None: ...
         def step(self, o: Any) -> None: ...
         def update(self) -> None: ...
-        def get_scale(self) -> float: ...
-        def state_dict(self) -> dict[str, Any]: ...
+        def get_scale(self) -> float:
+            return 1.0
+
+        def state_dict(self) -> dict[str, Any]:
+            return {}
+
         def load_state_dict(self, s: Any) -> None: ...
 
     ampfn.with_grad_scaling(Duck())
 
 
 def test_rejects_a_non_scaler() -> None:
-    with pytest.raises(TypeError, match=r"with_grad_scaling\(scaler\): expected a torch.amp.GradScaler .* object lacks scale"):
+    with pytest.raises(
+        TypeError,
+        match=r"with_grad_scaling\(scaler\): expected a torch.amp.GradScaler .* object lacks scale",
+    ):
         ampfn.with_grad_scaling(object())
     with pytest.raises(TypeError, match="float lacks"):
         ampfn.with_grad_scaling(2.0**16)
@@ -324,7 +360,9 @@ def test_disabled_scaler_is_plain_training() -> None:
     model, ref = mlp(), mlp()
     o1 = torch.optim.SGD(model.parameters(), lr=0.1)
     o2 = torch.optim.SGD(ref.parameters(), lr=0.1)
-    scaled = ampfn.with_grad_scaling(torch.amp.GradScaler("cpu", enabled=False))(make_step(model, o1))
+    scaled = ampfn.with_grad_scaling(torch.amp.GradScaler("cpu", enabled=False))(
+        make_step(model, o1)
+    )
     plain = make_step(ref, o2)
     for b in batches(3):
         scaled(b)

@@ -7,18 +7,18 @@ hypothesis; the transforms that need them import them when built.
 """
 
 from ampfn._apex import with_apex
-from ampfn._autocast import FP32Island
-from ampfn._autocast import fp32
-from ampfn._autocast import with_autocast
-from ampfn._core import Pipeline
-from ampfn._core import Transform
-from ampfn._core import backward
-from ampfn._core import clip_grad_norm_
-from ampfn._core import compose
-from ampfn._core import load_state_dict
-from ampfn._core import state_dict
-from ampfn._core import step
-from ampfn._core import unscale_
+from ampfn._autocast import FP32Island, fp32, with_autocast
+from ampfn._core import (
+    Pipeline,
+    Transform,
+    backward,
+    clip_grad_norm_,
+    compose,
+    load_state_dict,
+    state_dict,
+    step,
+    unscale_,
+)
 from ampfn._scaling import with_grad_scaling
 from ampfn._xla import with_xla_bf16
 

@@ -39,16 +39,31 @@ _DEFAULTS = {
 }
 
 
-def resolve_level(level: object, loss_scale: object, keep_batchnorm_fp32: object, master_weights: object) -> ApexLevel:
+def resolve_level(
+    level: object,
+    loss_scale: object,
+    keep_batchnorm_fp32: object,
+    master_weights: object,
+) -> ApexLevel:
     """Validate ``level`` and the overrides, and apply them, with Apex's consistency rules."""
     if not isinstance(level, str):
-        raise TypeError(f"{_API}: level must be one of {', '.join(LEVELS)}, got {type(level).__name__} {level!r}")
-    props = _DEFAULTS.get(level.upper()) if level in (*LEVELS, *(x.lower() for x in LEVELS)) else None
+        raise TypeError(
+            f"{_API}: level must be one of {', '.join(LEVELS)}, got {type(level).__name__} {level!r}"
+        )
+    props = (
+        _DEFAULTS.get(level.upper())
+        if level in (*LEVELS, *(x.lower() for x in LEVELS))
+        else None
+    )
     if props is None:
-        raise ValueError(f"{_API}: level must be one of {', '.join(LEVELS)}, got {level!r}")
+        raise ValueError(
+            f"{_API}: level must be one of {', '.join(LEVELS)}, got {level!r}"
+        )
     if keep_batchnorm_fp32 is not None:
         if not isinstance(keep_batchnorm_fp32, bool):
-            raise TypeError(f"{_API}: keep_batchnorm_fp32 must be a bool or None, got {keep_batchnorm_fp32!r}")
+            raise TypeError(
+                f"{_API}: keep_batchnorm_fp32 must be a bool or None, got {keep_batchnorm_fp32!r}"
+            )
         if props.level == "O1":
             raise ValueError(
                 f"{_API}: with O1 batch norm already runs in fp32 under autocast, so keep_batchnorm_fp32 "
@@ -57,7 +72,9 @@ def resolve_level(level: object, loss_scale: object, keep_batchnorm_fp32: object
         props = dataclasses.replace(props, keep_batchnorm_fp32=keep_batchnorm_fp32)
     if master_weights is not None:
         if not isinstance(master_weights, bool):
-            raise TypeError(f"{_API}: master_weights must be a bool or None, got {master_weights!r}")
+            raise TypeError(
+                f"{_API}: master_weights must be a bool or None, got {master_weights!r}"
+            )
         if props.level == "O1":
             raise ValueError(
                 f"{_API}: master_weights makes no sense with O1, whose model weights stay fp32 (as in Apex); "
@@ -66,32 +83,56 @@ def resolve_level(level: object, loss_scale: object, keep_batchnorm_fp32: object
         props = dataclasses.replace(props, master_weights=master_weights)
     if loss_scale is not None:
         if loss_scale != "dynamic" and (
-            isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not loss_scale > 0
+            isinstance(loss_scale, bool)
+            or not isinstance(loss_scale, (int, float))
+            or not loss_scale > 0
         ):
-            raise ValueError(f"{_API}: loss_scale must be 'dynamic' or a positive number, got {loss_scale!r}")
-        props = dataclasses.replace(props, loss_scale=loss_scale if loss_scale == "dynamic" else float(loss_scale))
+            raise ValueError(
+                f"{_API}: loss_scale must be 'dynamic' or a positive number, got {loss_scale!r}"
+            )
+        props = dataclasses.replace(
+            props,
+            loss_scale=loss_scale if loss_scale == "dynamic" else float(loss_scale),
+        )
     return props
 
 
-def _check_scale_bounds(min_loss_scale: object, max_loss_scale: object) -> tuple[float | None, float]:
-    for name, value in (("min_loss_scale", min_loss_scale), ("max_loss_scale", max_loss_scale)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ValueError(f"{_API}: {name} must be a non-negative number, got {value!r}")
+def _check_scale_bounds(
+    min_loss_scale: object, max_loss_scale: object
+) -> tuple[float | None, float]:
+    def number(name: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(
+                f"{_API}: {name} must be a non-negative number, got {value!r}"
+            )
+        return float(value)
+
     if max_loss_scale is None:
-        raise ValueError(f"{_API}: max_loss_scale must be a number (Apex's default is 2.0**24)")
-    lo, hi = (None if min_loss_scale is None else float(min_loss_scale)), float(max_loss_scale)  # type: ignore[arg-type]
+        raise ValueError(
+            f"{_API}: max_loss_scale must be a number (Apex's default is 2.0**24)"
+        )
+    hi = number("max_loss_scale", max_loss_scale)
+    lo = None if min_loss_scale is None else number("min_loss_scale", min_loss_scale)
     if lo is not None and lo > hi:
-        raise ValueError(f"{_API}: min_loss_scale ({lo}) is above max_loss_scale ({hi})")
+        raise ValueError(
+            f"{_API}: min_loss_scale ({lo}) is above max_loss_scale ({hi})"
+        )
     return lo, hi
 
 
 def _check_model(model: object, optimizer: object, props: ApexLevel) -> str:
     """Check what the level needs of ``model`` and ``optimizer``; return the device type."""
     if model is not None and not isinstance(model, nn.Module):
-        raise TypeError(f"{_API}: model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(
+            f"{_API}: model must be an nn.Module, got {type(model).__name__}"
+        )
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"{_API}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    changes = props.cast_model_type not in (None, torch.float32) or bool(props.master_weights)
+        raise TypeError(
+            f"{_API}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    changes = props.cast_model_type not in (None, torch.float32) or bool(
+        props.master_weights
+    )
     if changes and (model is None or optimizer is None):
         raise ValueError(
             f"{_API}: {props.level} casts the model and its optimizer's parameters, so it needs both: "
@@ -119,11 +160,23 @@ class MasterWeights(Handler):
 
     __slots__ = ("_by_id", "masters", "model_params", "optimizer")
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, keep_batchnorm_fp32: bool) -> None:
-        to_cast = {id(p) for p in castable_parameters(model, keep_batchnorm_fp32=keep_batchnorm_fp32)}
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        keep_batchnorm_fp32: bool,
+    ) -> None:
+        to_cast = {
+            id(p)
+            for p in castable_parameters(model, keep_batchnorm_fp32=keep_batchnorm_fp32)
+        }
         # Masters start from the fp32 values, before the model is cast (Apex copies the
         # already-rounded fp16 weights; starting exact is strictly better).
-        pairs = [(p, p.detach().clone().requires_grad_(True)) for g in optimizer.param_groups for p in g["params"]]
+        pairs = [
+            (p, p.detach().clone().requires_grad_(True))
+            for g in optimizer.param_groups
+            for p in g["params"]
+        ]
         pairs = [(p, m) for p, m in pairs if id(p) in to_cast]
         swap = {id(p): m for p, m in pairs}
         for group in optimizer.param_groups:
@@ -136,7 +189,9 @@ class MasterWeights(Handler):
         self.optimizer = optimizer
         self._by_id = swap
 
-    def backward(self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    def backward(
+        self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
+    ) -> None:
         proceed(loss, kwargs)
         for p, m in zip(self.model_params, self.masters, strict=True):
             if p.grad is not None:
@@ -153,10 +208,19 @@ class MasterWeights(Handler):
         return stepped
 
     def clip_grad_norm_(
-        self, proceed: Callable[..., torch.Tensor], parameters: Params, max_norm: float, optimizer: Any, norm_type: float
+        self,
+        proceed: Callable[..., torch.Tensor],
+        parameters: Params,
+        max_norm: float,
+        optimizer: Any,
+        norm_type: float,
     ) -> torch.Tensor:
-        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-        return proceed([self._by_id.get(id(p), p) for p in params], max_norm, optimizer, norm_type)
+        params = (
+            [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        )
+        return proceed(
+            [self._by_id.get(id(p), p) for p in params], max_norm, optimizer, norm_type
+        )
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
@@ -170,7 +234,9 @@ class MasterWeights(Handler):
     def load_state_dict(self, state: dict[str, Any], /) -> None:
         saved = state["masters"]
         if len(saved) != len(self.masters):
-            raise ValueError(f"ampfn.load_state_dict: {len(saved)} saved master weights, the pipeline has {len(self.masters)}")
+            raise ValueError(
+                f"ampfn.load_state_dict: {len(saved)} saved master weights, the pipeline has {len(self.masters)}"
+            )
         for m, s in zip(self.masters, saved, strict=True):
             m.copy_(s)
         self.copy_to_model()
@@ -192,16 +258,28 @@ class _ApexState:
             part.load_state_dict(state[name])
 
 
-def _native(props: ApexLevel, model: Any, optimizer: Any, device_type: str, bounds: tuple[float | None, float]) -> Transform:
-    wraps: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = []  # outermost first
+def _native(
+    props: ApexLevel,
+    model: Any,
+    optimizer: Any,
+    device_type: str,
+    bounds: tuple[float | None, float],
+) -> Transform:
+    wraps: list[
+        Callable[[Callable[..., Any]], Callable[..., Any]]
+    ] = []  # outermost first
     parts: dict[str, Stateful] = {}
     half = props.cast_model_type == torch.float16
     if props.master_weights and half:
-        masters = MasterWeights(model, optimizer, keep_batchnorm_fp32=bool(props.keep_batchnorm_fp32))
+        masters = MasterWeights(
+            model, optimizer, keep_batchnorm_fp32=bool(props.keep_batchnorm_fp32)
+        )
         wraps.append(handler_wrapper(masters))
         parts["master_weights"] = masters
     if half:
-        cast_module(model, torch.float16, keep_batchnorm_fp32=bool(props.keep_batchnorm_fp32))
+        cast_module(
+            model, torch.float16, keep_batchnorm_fp32=bool(props.keep_batchnorm_fp32)
+        )
         patch_forward(model, torch.float16, torch.float32)
     scaler = BoundedScaler(device_type, props.loss_scale, *bounds)
     if scaler.is_enabled():
@@ -211,7 +289,9 @@ def _native(props: ApexLevel, model: Any, optimizer: Any, device_type: str, boun
         parts["loss_scaler"] = scaling.state
     if props.autocast:
         wraps.append(autocast_transform("with_apex", device_type, torch.float16, None))
-    if not wraps:  # O0, O3: nothing to do inside the step, but never return the step itself
+    if (
+        not wraps
+    ):  # O0, O3: nothing to do inside the step, but never return the step itself
         wraps.append(handler_wrapper(Handler()))
 
     def wrap(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -219,7 +299,12 @@ def _native(props: ApexLevel, model: Any, optimizer: Any, device_type: str, boun
             step = w(step)
         return step
 
-    return Transform("with_apex", wrap, tags=("loss_scaling",), state=_ApexState(**parts) if parts else None)
+    return Transform(
+        "with_apex",
+        wrap,
+        tags=("loss_scaling",),
+        state=_ApexState(**parts) if parts else None,
+    )
 
 
 def with_apex(
@@ -280,7 +365,9 @@ def with_apex(
     """
     props = resolve_level(level, loss_scale, keep_batchnorm_fp32, master_weights)
     if backend not in _BACKENDS:
-        raise ValueError(f"{_API}: backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
+        raise ValueError(
+            f"{_API}: backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}"
+        )
     bounds = _check_scale_bounds(min_loss_scale, max_loss_scale)
     device_type = _check_model(model, optimizer, props)
     if props.autocast:

@@ -28,10 +28,12 @@ def apex_amp(backend: str) -> ModuleType | None:
     if backend == "native":
         return None
     try:
-        from apex import amp  # type: ignore[import-not-found]
+        from apex import amp
     except Exception as e:  # an unrelated 'apex' may fail in any way
         if backend == "apex":
-            raise ImportError(f"with_apex(level, backend='apex'): apex.amp cannot be imported ({e}). {_HINT}") from e
+            raise ImportError(
+                f"with_apex(level, backend='apex'): apex.amp cannot be imported ({e}). {_HINT}"
+            ) from e
         return None
     if backend == "auto" and not torch.cuda.is_available():
         return None
@@ -47,21 +49,32 @@ class ApexAmp(Handler):
         self.amp = amp
         self.optimizer = optimizer
 
-    def backward(self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    def backward(
+        self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
+    ) -> None:
         with self.amp.scale_loss(loss, self.optimizer) as scaled:
             proceed(scaled, kwargs)
 
     def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
         # After an overflow Apex swaps optimizer.step for a one-shot skip_step.
-        skipped = bool(getattr(getattr(optimizer, "_amp_stash", None), "already_patched", False))
+        skipped = bool(
+            getattr(getattr(optimizer, "_amp_stash", None), "already_patched", False)
+        )
         optimizer.step()
         return not skipped
 
     def clip_grad_norm_(
-        self, proceed: Callable[..., torch.Tensor], parameters: Params, max_norm: float, optimizer: Any, norm_type: float
+        self,
+        proceed: Callable[..., torch.Tensor],
+        parameters: Params,
+        max_norm: float,
+        optimizer: Any,
+        norm_type: float,
     ) -> torch.Tensor:
         # apex.amp unscales when scale_loss exits; clip the master gradients, as Apex's docs do.
-        return proceed(list(self.amp.master_params(optimizer)), max_norm, optimizer, norm_type)
+        return proceed(
+            list(self.amp.master_params(optimizer)), max_norm, optimizer, norm_type
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"amp": self.amp.state_dict()}
@@ -71,7 +84,11 @@ class ApexAmp(Handler):
 
 
 def apex_transform(
-    amp: ModuleType, props: ApexLevel, model: Any, optimizer: Any, bounds: tuple[float | None, float]
+    amp: ModuleType,
+    props: ApexLevel,
+    model: Any,
+    optimizer: Any,
+    bounds: tuple[float | None, float],
 ) -> Transform:
     if model is None or optimizer is None:
         raise ValueError(
@@ -89,4 +106,6 @@ def apex_transform(
         verbosity=0,
     )
     handler = ApexAmp(amp, optimizer)
-    return Transform("with_apex", handler_wrapper(handler), tags=("loss_scaling",), state=handler)
+    return Transform(
+        "with_apex", handler_wrapper(handler), tags=("loss_scaling",), state=handler
+    )

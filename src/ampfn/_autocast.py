@@ -24,7 +24,11 @@ _HALF = {
     "bf16": torch.bfloat16,
     "bf16-mixed": torch.bfloat16,
 }
-_VALID = "torch.float16 or torch.bfloat16 (or one of " + ", ".join(repr(k) for k in _HALF) + ")"
+_VALID = (
+    "torch.float16 or torch.bfloat16 (or one of "
+    + ", ".join(repr(k) for k in _HALF)
+    + ")"
+)
 
 
 def parse_half_dtype(dtype: object, api: str) -> torch.dtype:
@@ -44,25 +48,38 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_autocast(device_type: object, dtype: torch.dtype, api: str, **kwargs: Any) -> str:
+def check_autocast(
+    device_type: object, dtype: torch.dtype, api: str, **kwargs: Any
+) -> str:
     """Fail now, with the reason, if ``torch.autocast(device_type, dtype)`` cannot run here.
 
     ``torch.autocast`` itself only warns and disables itself for an unsupported dtype or
     an absent device; ampfn turns that into an error at construction.
     """
     if not isinstance(device_type, str):
-        raise TypeError(f"{api}: device_type must be a string such as 'cuda' or 'cpu', got {type(device_type).__name__}")
+        raise TypeError(
+            f"{api}: device_type must be a string such as 'cuda' or 'cpu', got {type(device_type).__name__}"
+        )
     if ":" in device_type:
-        raise ValueError(f"{api}: device_type is a device type such as 'cuda', not a device; got {device_type!r}")
+        raise ValueError(
+            f"{api}: device_type is a device type such as 'cuda', not a device; got {device_type!r}"
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             probe = torch.autocast(device_type, dtype=dtype, **kwargs)
         except (RuntimeError, ValueError) as e:
-            raise ValueError(f"{api}: {dtype} autocast is not available on {device_type!r}: {e}") from None
+            raise ValueError(
+                f"{api}: {dtype} autocast is not available on {device_type!r}: {e}"
+            ) from None
     if not getattr(probe, "_enabled", True) or caught:
-        reason = "; ".join(str(w.message) for w in caught) or "torch.autocast disabled itself"
-        raise ValueError(f"{api}: {dtype} autocast is not available on {device_type!r}: {reason}")
+        reason = (
+            "; ".join(str(w.message) for w in caught)
+            or "torch.autocast disabled itself"
+        )
+        raise ValueError(
+            f"{api}: {dtype} autocast is not available on {device_type!r}: {reason}"
+        )
     return device_type
 
 
@@ -74,21 +91,32 @@ class _AutocastOff(Handler):
     def __init__(self, device_type: str) -> None:
         self.device_type = device_type
 
-    def backward(self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    def backward(
+        self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
+    ) -> None:
         with torch.autocast(self.device_type, enabled=False):
             proceed(loss, kwargs)
 
     def clip_grad_norm_(
-        self, proceed: Callable[..., torch.Tensor], parameters: Params, max_norm: float, optimizer: Any, norm_type: float
+        self,
+        proceed: Callable[..., torch.Tensor],
+        parameters: Params,
+        max_norm: float,
+        optimizer: Any,
+        norm_type: float,
     ) -> torch.Tensor:
         with torch.autocast(self.device_type, enabled=False):
             return proceed(parameters, max_norm, optimizer, norm_type)
 
 
-def autocast_transform(name: str, device_type: str, dtype: torch.dtype, cache_enabled: bool | None) -> Transform:
+def autocast_transform(
+    name: str, device_type: str, dtype: torch.dtype, cache_enabled: bool | None
+) -> Transform:
     """The transform behind ``with_autocast`` (also used by apex O1 and XLA mixed)."""
     handler = _AutocastOff(device_type)
-    kwargs: dict[str, Any] = {} if cache_enabled is None else {"cache_enabled": cache_enabled}
+    kwargs: dict[str, Any] = (
+        {} if cache_enabled is None else {"cache_enabled": cache_enabled}
+    )
 
     def wrap(step: Callable[..., Any]) -> Callable[..., Any]:
         def autocast_step(*args: Any, **kw: Any) -> Any:
@@ -104,7 +132,12 @@ def autocast_transform(name: str, device_type: str, dtype: torch.dtype, cache_en
     return Transform(name, wrap, tags=("autocast",))
 
 
-def with_autocast(dtype: torch.dtype | str, device_type: str | None = None, *, cache_enabled: bool | None = None) -> Transform:
+def with_autocast(
+    dtype: torch.dtype | str,
+    device_type: str | None = None,
+    *,
+    cache_enabled: bool | None = None,
+) -> Transform:
     """Run the step's forward pass under ``torch.autocast``.
 
     The wrapped step runs inside ``torch.autocast(device_type, dtype)``; ``ampfn.backward``
@@ -137,16 +170,28 @@ def with_autocast(dtype: torch.dtype | str, device_type: str | None = None, *, c
     api = "with_autocast(dtype, device_type)"
     half = parse_half_dtype(dtype, api)
     if cache_enabled is not None and not isinstance(cache_enabled, bool):
-        raise TypeError(f"{api}: cache_enabled must be a bool or None, got {type(cache_enabled).__name__}")
-    dev = check_autocast(default_device_type() if device_type is None else device_type, half, api)
+        raise TypeError(
+            f"{api}: cache_enabled must be a bool or None, got {type(cache_enabled).__name__}"
+        )
+    dev = check_autocast(
+        default_device_type() if device_type is None else device_type, half, api
+    )
     return autocast_transform("with_autocast", dev, half, cache_enabled)
 
 
 # --------------------------------------------------------------------------- fp32 islands
 
 
-def _run_fp32(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], devices: set[str]) -> Any:
-    args, kwargs = cast_floating(args, torch.float32), cast_floating(kwargs, torch.float32)
+def _run_fp32(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    devices: set[str],
+) -> Any:
+    args, kwargs = (
+        cast_floating(args, torch.float32),
+        cast_floating(kwargs, torch.float32),
+    )
     floating_devices((args, kwargs), devices)
     with contextlib.ExitStack() as stack:
         for device_type in devices:
@@ -197,7 +242,9 @@ def fp32(fn_or_module: Any) -> Any:
     if isinstance(fn_or_module, nn.Module):
         return FP32Island(fn_or_module)
     if not callable(fn_or_module):
-        raise TypeError(f"fp32(fn_or_module): expected a function or an nn.Module, got {type(fn_or_module).__name__}")
+        raise TypeError(
+            f"fp32(fn_or_module): expected a function or an nn.Module, got {type(fn_or_module).__name__}"
+        )
     fn = fn_or_module
 
     @functools.wraps(fn)

@@ -38,7 +38,9 @@ class Handler:
 
     __slots__ = ()
 
-    def backward(self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    def backward(
+        self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
+    ) -> None:
         proceed(loss, kwargs)
 
     def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
@@ -48,7 +50,12 @@ class Handler:
         proceed(optimizer)
 
     def clip_grad_norm_(
-        self, proceed: Callable[..., torch.Tensor], parameters: Params, max_norm: float, optimizer: Any, norm_type: float
+        self,
+        proceed: Callable[..., torch.Tensor],
+        parameters: Params,
+        max_norm: float,
+        optimizer: Any,
+        norm_type: float,
     ) -> torch.Tensor:
         return proceed(parameters, max_norm, optimizer, norm_type)
 
@@ -57,7 +64,7 @@ HANDLERS: ContextVar[tuple[Handler, ...]] = ContextVar("ampfn.handlers", default
 
 
 def _base_backward(loss: torch.Tensor, kwargs: dict[str, Any]) -> None:
-    loss.backward(**kwargs)
+    loss.backward(**kwargs)  # type: ignore[no-untyped-call]
 
 
 def _base_step(optimizer: Any) -> bool:
@@ -69,11 +76,15 @@ def _base_unscale(optimizer: Any) -> None:
     return None
 
 
-def _base_clip(parameters: Params, max_norm: float, optimizer: Any, norm_type: float) -> torch.Tensor:
+def _base_clip(
+    parameters: Params, max_norm: float, optimizer: Any, norm_type: float
+) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
 
 
-def _dispatch(name: str, base: Callable[..., Any], handlers: tuple[Handler, ...], *args: Any) -> Any:
+def _dispatch(
+    name: str, base: Callable[..., Any], handlers: tuple[Handler, ...], *args: Any
+) -> Any:
     last = len(handlers)
 
     def run(i: int, *a: Any) -> Any:
@@ -106,10 +117,12 @@ def backward(loss: torch.Tensor, **kwargs: Any) -> None:
         tensor([3., 3.])
     """
     if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"ampfn.backward(loss): expected a torch.Tensor, got {type(loss).__name__}")
+        raise TypeError(
+            f"ampfn.backward(loss): expected a torch.Tensor, got {type(loss).__name__}"
+        )
     handlers = HANDLERS.get()
     if not handlers:
-        loss.backward(**kwargs)
+        loss.backward(**kwargs)  # type: ignore[no-untyped-call]
         return
     _dispatch("backward", _base_backward, handlers, loss, kwargs)
 
@@ -157,7 +170,9 @@ def unscale_(optimizer: Any) -> None:
         _dispatch("unscale_", _base_unscale, handlers, optimizer)
 
 
-def clip_grad_norm_(parameters: Params, max_norm: float, optimizer: Any, norm_type: float = 2.0) -> torch.Tensor:
+def clip_grad_norm_(
+    parameters: Params, max_norm: float, optimizer: Any, norm_type: float = 2.0
+) -> torch.Tensor:
     """Clip gradients by their total norm, unscaling them first under loss scaling.
 
     Outside any transform this is ``torch.nn.utils.clip_grad_norm_``. Under
@@ -184,10 +199,23 @@ def clip_grad_norm_(parameters: Params, max_norm: float, optimizer: Any, norm_ty
     handlers = HANDLERS.get()
     if not handlers:
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
-    return cast(torch.Tensor, _dispatch("clip_grad_norm_", _base_clip, handlers, parameters, max_norm, optimizer, norm_type))
+    return cast(
+        torch.Tensor,
+        _dispatch(
+            "clip_grad_norm_",
+            _base_clip,
+            handlers,
+            parameters,
+            max_norm,
+            optimizer,
+            norm_type,
+        ),
+    )
 
 
-def handler_wrapper(handler: Handler) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def handler_wrapper(
+    handler: Handler,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A wrapper that installs one fixed ``handler`` while the step runs."""
 
     def wrap(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -259,7 +287,9 @@ class Transform:
 
     def __call__(self, step: Callable[P, R]) -> Callable[P, R]:
         if not callable(step):
-            raise TypeError(f"{self.name}(step): expected a callable step, got {type(step).__name__}")
+            raise TypeError(
+                f"{self.name}(step): expected a callable step, got {type(step).__name__}"
+            )
         inner_tags: Tags = getattr(step, "__ampfn_tags__", ())
         check_tags(self.tags + inner_tags)
         wrapped = functools.update_wrapper(self._wrap(step), step)
@@ -290,7 +320,9 @@ class Pipeline:
         return f"compose({', '.join(map(repr, self.transforms))})"
 
 
-def compose(*transforms: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Pipeline:
+def compose(
+    *transforms: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> Pipeline:
     """Compose transforms in decorator order: ``compose(a, b, c)(f) == a(b(c(f)))``.
 
     ``compose()`` is the identity (it returns the step itself) and composition is
@@ -311,7 +343,9 @@ def compose(*transforms: Callable[[Callable[..., Any]], Callable[..., Any]]) -> 
     flat: list[Callable[..., Any]] = []
     for i, t in enumerate(transforms):
         if not callable(t):
-            raise TypeError(f"compose(*transforms): transform at position {i} is not callable: {t!r}")
+            raise TypeError(
+                f"compose(*transforms): transform at position {i} is not callable: {t!r}"
+            )
         flat.extend(t.transforms if isinstance(t, Pipeline) else (t,))
     check_tags(tuple(tag for t in flat if isinstance(t, Transform) for tag in t.tags))
     return Pipeline(tuple(flat))
@@ -322,7 +356,9 @@ def compose(*transforms: Callable[[Callable[..., Any]], Callable[..., Any]]) -> 
 
 def _states(wrapped_step: Callable[..., Any], api: str) -> States:
     if not callable(wrapped_step):
-        raise TypeError(f"{api}: expected a step wrapped by ampfn transforms, got {type(wrapped_step).__name__}")
+        raise TypeError(
+            f"{api}: expected a step wrapped by ampfn transforms, got {type(wrapped_step).__name__}"
+        )
     return cast(States, getattr(wrapped_step, "__ampfn_states__", ()))
 
 
@@ -340,7 +376,9 @@ def state_dict(wrapped_step: Callable[..., Any]) -> dict[str, Any]:
         ['with_grad_scaling']
     """
     states = _states(wrapped_step, "ampfn.state_dict(wrapped_step)")
-    return {"transforms": [{"name": name, "state": s.state_dict()} for name, s in states]}
+    return {
+        "transforms": [{"name": name, "state": s.state_dict()} for name, s in states]
+    }
 
 
 def load_state_dict(wrapped_step: Callable[..., Any], state: dict[str, Any]) -> None:
@@ -352,10 +390,14 @@ def load_state_dict(wrapped_step: Callable[..., Any], state: dict[str, Any]) -> 
     api = "ampfn.load_state_dict(wrapped_step, state)"
     states = _states(wrapped_step, api)
     if not isinstance(state, dict) or not isinstance(state.get("transforms"), list):
-        raise TypeError(f"{api}: expected a dict returned by ampfn.state_dict, got {type(state).__name__}")
+        raise TypeError(
+            f"{api}: expected a dict returned by ampfn.state_dict, got {type(state).__name__}"
+        )
     saved = [entry["name"] for entry in state["transforms"]]
     expected = [name for name, _ in states]
     if saved != expected:
-        raise ValueError(f"{api}: the state was saved from a pipeline with {saved}, this pipeline has {expected}")
+        raise ValueError(
+            f"{api}: the state was saved from a pipeline with {saved}, this pipeline has {expected}"
+        )
     for (_, stateful), entry in zip(states, state["transforms"], strict=True):
         stateful.load_state_dict(entry["state"])

@@ -16,7 +16,9 @@ def cast_floating(obj: Any, dtype: torch.dtype) -> Any:
         return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
     if isinstance(obj, tuple):
         items = [cast_floating(o, dtype) for o in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)  # NamedTuple
+        return (
+            type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+        )  # NamedTuple
     if isinstance(obj, list):
         return [cast_floating(o, dtype) for o in obj]
     if isinstance(obj, dict):
@@ -54,14 +56,21 @@ def _castable(module: nn.Module, keep_batchnorm_fp32: bool) -> Iterator[nn.Modul
         yield from _castable(child, keep_batchnorm_fp32)
 
 
-def castable_parameters(model: nn.Module, *, keep_batchnorm_fp32: bool) -> list[nn.Parameter]:
+def castable_parameters(
+    model: nn.Module, *, keep_batchnorm_fp32: bool
+) -> list[nn.Parameter]:
     """The floating parameters that :func:`cast_module` casts."""
     return [
-        p for m in _castable(model, keep_batchnorm_fp32) for p in m.parameters(recurse=False) if p.is_floating_point()
+        p
+        for m in _castable(model, keep_batchnorm_fp32)
+        for p in m.parameters(recurse=False)
+        if p.is_floating_point()
     ]
 
 
-def cast_module(model: nn.Module, dtype: torch.dtype, *, keep_batchnorm_fp32: bool) -> None:
+def cast_module(
+    model: nn.Module, dtype: torch.dtype, *, keep_batchnorm_fp32: bool
+) -> None:
     """Cast ``model``'s floating parameters and buffers to ``dtype`` in place.
 
     Parameters keep their identity (``param.data`` is replaced), so references the user
@@ -80,7 +89,9 @@ def cast_module(model: nn.Module, dtype: torch.dtype, *, keep_batchnorm_fp32: bo
             module.flatten_parameters()
 
 
-def patch_forward(model: nn.Module, input_dtype: torch.dtype, output_dtype: torch.dtype | None) -> None:
+def patch_forward(
+    model: nn.Module, input_dtype: torch.dtype, output_dtype: torch.dtype | None
+) -> None:
     """Make ``model`` cast floating inputs to ``input_dtype`` and outputs to ``output_dtype``.
 
     Like Apex, this sets ``model.forward`` on the instance, so the user's data pipeline
@@ -90,10 +101,12 @@ def patch_forward(model: nn.Module, input_dtype: torch.dtype, output_dtype: torc
 
     @functools.wraps(old)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        out = old(*cast_floating(args, input_dtype), **cast_floating(kwargs, input_dtype))
+        out = old(
+            *cast_floating(args, input_dtype), **cast_floating(kwargs, input_dtype)
+        )
         return out if output_dtype is None else cast_floating(out, output_dtype)
 
-    model.forward = forward  # type: ignore[method-assign]
+    model.forward = forward
 
 
 def floating_dtypes(model: nn.Module) -> dict[str, torch.dtype]:

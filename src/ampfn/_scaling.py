@@ -12,7 +12,15 @@ import torch
 from ampfn._autocast import default_device_type
 from ampfn._core import HANDLERS, Handler, Params, Transform
 
-_INTERFACE = ("scale", "unscale_", "step", "update", "get_scale", "state_dict", "load_state_dict")
+_INTERFACE = (
+    "scale",
+    "unscale_",
+    "step",
+    "update",
+    "get_scale",
+    "state_dict",
+    "load_state_dict",
+)
 
 
 def _bump(cell: list[int], optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -32,7 +40,9 @@ class ScalingState:
     def __init__(self, scaler: Any) -> None:
         self.scaler = scaler
         self.pending: set[int] = set()
-        self.counters: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
+        self.counters: weakref.WeakKeyDictionary[Any, list[int]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict()}
@@ -84,7 +94,9 @@ class _ScalingCall(Handler):
         self.state = state
         self.stepped = False
 
-    def backward(self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    def backward(
+        self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
+    ) -> None:
         if self.state.pending:
             raise RuntimeError(
                 "ampfn.backward(loss): called after ampfn.unscale_ or ampfn.clip_grad_norm_ and before "
@@ -102,7 +114,12 @@ class _ScalingCall(Handler):
         proceed(optimizer)
 
     def clip_grad_norm_(
-        self, proceed: Callable[..., torch.Tensor], parameters: Params, max_norm: float, optimizer: Any, norm_type: float
+        self,
+        proceed: Callable[..., torch.Tensor],
+        parameters: Params,
+        max_norm: float,
+        optimizer: Any,
+        norm_type: float,
     ) -> torch.Tensor:
         self.state.unscale(optimizer)
         return proceed(parameters, max_norm, optimizer, norm_type)
@@ -200,7 +217,12 @@ class BoundedScaler(torch.amp.GradScaler):
     ) -> None:
         self.dynamic = loss_scale == "dynamic"
         init = min(init_scale, max_scale) if self.dynamic else float(loss_scale)
-        super().__init__(device, init_scale=init, growth_interval=window, enabled=self.dynamic or init != 1.0)
+        super().__init__(
+            device,
+            init_scale=init,
+            growth_interval=window,
+            enabled=self.dynamic or init != 1.0,
+        )
         self.min_scale = min_scale or None  # Apex: a floor of 0 is no floor
         self.max_scale = max_scale
 
@@ -212,10 +234,18 @@ class BoundedScaler(torch.amp.GradScaler):
         if self._scale is not None:
             self._scale.clamp_(min=self.min_scale, max=self.max_scale)
 
-    def _maybe_opt_step(self, optimizer: Any, optimizer_state: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    def _maybe_opt_step(
+        self, optimizer: Any, optimizer_state: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> Any:
         if self.dynamic:
             return super()._maybe_opt_step(optimizer, optimizer_state, *args, **kwargs)
         return optimizer.step(*args, **kwargs)
 
-    def _unscale_grads_(self, optimizer: Any, inv_scale: torch.Tensor, found_inf: torch.Tensor, allow_fp16: bool) -> Any:
+    def _unscale_grads_(
+        self,
+        optimizer: Any,
+        inv_scale: torch.Tensor,
+        found_inf: torch.Tensor,
+        allow_fp16: bool,
+    ) -> Any:
         return super()._unscale_grads_(optimizer, inv_scale, found_inf, True)

@@ -19,8 +19,8 @@ _API = "with_xla_bf16(*, mode, model, sync)"
 
 def _import_xla() -> tuple[ModuleType, ModuleType]:
     try:
-        import torch_xla  # type: ignore[import-not-found]
-        import torch_xla.core.xla_model as xm  # type: ignore[import-not-found]
+        import torch_xla
+        import torch_xla.core.xla_model as xm
     except ImportError as e:
         raise ImportError(
             f"{_API}: torch_xla is not installed ({e}); install it with the xla extra, "
@@ -42,7 +42,9 @@ class _XlaStep(Handler):
         return True
 
 
-def with_xla_bf16(*, mode: str = "mixed", model: nn.Module | None = None, sync: bool = True) -> Transform:
+def with_xla_bf16(
+    *, mode: str = "mixed", model: nn.Module | None = None, sync: bool = True
+) -> Transform:
     """bfloat16 training on an XLA device (TPU, or XLA's CPU backend with ``PJRT_DEVICE=CPU``).
 
     ``mode="mixed"``: the forward runs under ``torch.autocast("xla", dtype=torch.bfloat16)``
@@ -72,21 +74,34 @@ def with_xla_bf16(*, mode: str = "mixed", model: nn.Module | None = None, sync: 
         >>> train_step = ampfn.with_xla_bf16()(train_step)  # doctest: +SKIP
     """
     if mode not in MODES:
-        raise ValueError(f"{_API}: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        raise ValueError(
+            f"{_API}: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}"
+        )
     if not isinstance(sync, bool):
         raise TypeError(f"{_API}: sync must be a bool, got {type(sync).__name__}")
     if mode == "true" and model is None:
-        raise ValueError(f"{_API}: mode='true' casts the model to bf16, so it needs it: with_xla_bf16(mode='true', model=model)")
+        raise ValueError(
+            f"{_API}: mode='true' casts the model to bf16, so it needs it: with_xla_bf16(mode='true', model=model)"
+        )
     if mode == "mixed" and model is not None:
-        raise ValueError(f"{_API}: model= is only used with mode='true'; mode='mixed' leaves the weights fp32")
+        raise ValueError(
+            f"{_API}: model= is only used with mode='true'; mode='mixed' leaves the weights fp32"
+        )
     if model is not None and not isinstance(model, nn.Module):
-        raise TypeError(f"{_API}: model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(
+            f"{_API}: model must be an nn.Module, got {type(model).__name__}"
+        )
     torch_xla, xm = _import_xla()
     cut: Callable[[], None] = getattr(torch_xla, "sync", None) or xm.mark_step
     handler = _XlaStep(xm)
     inner: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
     if mode == "mixed":
-        inner = autocast_transform("with_xla_bf16", check_autocast("xla", torch.bfloat16, _API), torch.bfloat16, None)
+        inner = autocast_transform(
+            "with_xla_bf16",
+            check_autocast("xla", torch.bfloat16, _API),
+            torch.bfloat16,
+            None,
+        )
     else:
         assert model is not None
         cast_module(model, torch.bfloat16, keep_batchnorm_fp32=False)
@@ -107,4 +122,8 @@ def with_xla_bf16(*, mode: str = "mixed", model: nn.Module | None = None, sync: 
 
         return xla_step
 
-    return Transform("with_xla_bf16", wrap, tags=("xla_bf16", "autocast") if mode == "mixed" else ("xla_bf16",))
+    return Transform(
+        "with_xla_bf16",
+        wrap,
+        tags=("xla_bf16", "autocast") if mode == "mixed" else ("xla_bf16",),
+    )

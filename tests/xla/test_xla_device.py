@@ -34,7 +34,11 @@ def model_cpu() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
 
 
-def make(model: nn.Module, opt: torch.optim.Optimizer, record: list[torch.dtype] | None = None) -> Callable[..., Any]:
+def make(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    record: list[torch.dtype] | None = None,
+) -> Callable[..., Any]:
     def train_step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         logits = model(x)
@@ -57,7 +61,9 @@ def fp32_reference() -> nn.Module:
     return ref
 
 
-def to_xla(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def to_xla(
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     dev = torch_xla.device()
     return batch[0].to(dev), batch[1].to(dev)
 
@@ -70,9 +76,14 @@ def test_mixed_computes_bf16_keeps_fp32_weights_and_tracks_fp32() -> None:
     for b in problem():
         step(to_xla(b))
     assert set(seen) == {torch.bfloat16}
-    assert all(p.dtype == torch.float32 and p.device.type == "xla" for p in model.parameters())
+    assert all(
+        p.dtype == torch.float32 and p.device.type == "xla" for p in model.parameters()
+    )
     ref = fp32_reference()
-    error = max((p.cpu() - q).abs().max().item() for p, q in zip(model.parameters(), ref.parameters(), strict=True))
+    error = max(
+        (p.cpu() - q).abs().max().item()
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True)
+    )
     assert error < 0.05, error  # bf16 has 8 bits of mantissa: ~4e-3 relative per op
 
 
@@ -80,7 +91,9 @@ def test_true_mode_casts_the_model_and_converges() -> None:
     model = model_cpu().to(torch_xla.device())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     step = ampfn.with_xla_bf16(mode="true", model=model)(make(model, opt))
-    assert all(p.dtype == torch.bfloat16 and p.device.type == "xla" for p in model.parameters())
+    assert all(
+        p.dtype == torch.bfloat16 and p.device.type == "xla" for p in model.parameters()
+    )
     losses = [step(to_xla(b)).item() for b in problem(60)]
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
 
@@ -120,14 +133,19 @@ def test_step_goes_through_xm_optimizer_step(monkeypatch: pytest.MonkeyPatch) ->
         stepped.append(ampfn.step(opt))
 
     train_step(to_xla(problem(1)[0]))
-    assert calls == [opt] and stepped == [True]
+    assert calls == [opt]
+    assert stepped == [True]
 
 
 def test_state_round_trip_and_exceptions_leave_autocast_off() -> None:
     model = model_cpu().to(torch_xla.device())
-    step = ampfn.with_xla_bf16()(make(model, torch.optim.SGD(model.parameters(), lr=0.1)))
+    step = ampfn.with_xla_bf16()(
+        make(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    )
     state = ampfn.state_dict(step)
-    fresh = ampfn.with_xla_bf16()(make(copy.deepcopy(model), torch.optim.SGD(model.parameters(), lr=0.1)))
+    fresh = ampfn.with_xla_bf16()(
+        make(copy.deepcopy(model), torch.optim.SGD(model.parameters(), lr=0.1))
+    )
     ampfn.load_state_dict(fresh, state)
     assert ampfn.state_dict(fresh) == state
 
@@ -142,13 +160,18 @@ def test_state_round_trip_and_exceptions_leave_autocast_off() -> None:
 
 
 def test_loss_scaling_with_bf16_is_an_error_at_construction() -> None:
-    with pytest.raises(ValueError, match="with_xla_bf16 composed with a loss-scaling transform .*needs no loss scaling"):
+    with pytest.raises(
+        ValueError,
+        match=r"with_xla_bf16 composed with a loss-scaling transform .*needs no loss scaling",
+    ):
         ampfn.compose(ampfn.with_xla_bf16(), ampfn.with_grad_scaling())
     with pytest.raises(ValueError, match="needs no loss scaling"):
         ampfn.with_xla_bf16()(ampfn.with_grad_scaling()(lambda b: b))
 
 
-def test_sync_false_leaves_the_graph_to_the_user(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sync_false_leaves_the_graph_to_the_user(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     cuts: list[int] = []
     monkeypatch.setattr(torch_xla, "sync", lambda *a, **k: cuts.append(1))
     ampfn.with_xla_bf16(sync=False)(lambda b: b)(1)
