@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from ampfn._autocast import autocast_transform, check_autocast, default_device_type
-from ampfn._core import Handler, Params, Stateful, Transform, handler_wrapper
+from ampfn._core import (
+    Handler,
+    Params,
+    Stateful,
+    Transform,
+    compute_tag,
+    handler_wrapper,
+)
 from ampfn._modules import cast_module, castable_parameters, patch_forward
 from ampfn._scaling import BoundedScaler, scaling_transform
 
@@ -302,7 +309,10 @@ def _native(
     return Transform(
         "with_apex",
         wrap,
-        tags=("loss_scaling",),
+        tags=(
+            "loss_scaling",
+            compute_tag(torch.float16 if half or props.autocast else torch.float32),
+        ),
         state=_ApexState(**parts) if parts else None,
     )
 

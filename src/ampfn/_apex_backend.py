@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ampfn._core import Handler, Params, Transform, handler_wrapper
+from ampfn._core import Handler, Params, Transform, compute_tag, handler_wrapper
 
 if TYPE_CHECKING:
     from ampfn._apex import ApexLevel
@@ -107,5 +107,11 @@ def apex_transform(
     )
     handler = ApexAmp(amp, optimizer)
     return Transform(
-        "with_apex", handler_wrapper(handler), tags=("loss_scaling",), state=handler
+        "with_apex",
+        handler_wrapper(handler),
+        tags=(
+            "loss_scaling",
+            compute_tag(torch.float32 if props.level == "O0" else torch.float16),
+        ),
+        state=handler,
     )

@@ -11,7 +11,7 @@ from typing import Any, TypeVar, overload
 import torch
 from torch import nn
 
-from ampfn._core import HANDLERS, Handler, Params, Transform
+from ampfn._core import HANDLERS, Handler, Params, Transform, compute_tag
 from ampfn._modules import cast_floating, floating_devices
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -129,7 +129,7 @@ def autocast_transform(
 
         return autocast_step
 
-    return Transform(name, wrap, tags=("autocast",))
+    return Transform(name, wrap, tags=("autocast", compute_tag(dtype)))
 
 
 def with_autocast(

@@ -248,6 +248,21 @@ Tags = tuple[tuple[str, str], ...]  # (tag, transform name)
 States = tuple[tuple[str, Stateful], ...]  # (transform name, stateful object)
 
 
+def compute_tag(dtype: torch.dtype) -> str:
+    """The tag recording the lowest precision a transform computes in."""
+    return f"compute:{dtype}".replace("torch.", "")
+
+
+def compute_dtype(wrapped_step: Callable[..., Any]) -> torch.dtype:
+    """The lowest-precision dtype the pipeline around ``wrapped_step`` computes in
+    (float32 for a plain step): the one with the largest machine epsilon."""
+    dtypes = [torch.float32]
+    for tag, _ in getattr(wrapped_step, "__ampfn_tags__", ()):
+        if tag.startswith("compute:"):
+            dtypes.append(getattr(torch, tag.removeprefix("compute:")))
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
+
+
 def check_tags(tags: Tags) -> None:
     """Raise ``ValueError`` if a pipeline's tags conflict."""
     seen: dict[str, list[str]] = {}

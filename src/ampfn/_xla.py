@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ampfn._autocast import autocast_transform, check_autocast
-from ampfn._core import HANDLERS, Handler, Transform
+from ampfn._core import HANDLERS, Handler, Transform, compute_tag
 from ampfn._modules import cast_module, patch_forward
 
 MODES = ("mixed", "true")
@@ -125,5 +125,5 @@ def with_xla_bf16(
     return Transform(
         "with_xla_bf16",
         wrap,
-        tags=("xla_bf16", "autocast") if mode == "mixed" else ("xla_bf16",),
+        tags=("xla_bf16", compute_tag(torch.bfloat16)),
     )

@@ -178,3 +178,22 @@ def test_sync_false_leaves_the_graph_to_the_user(
     assert cuts == []
     ampfn.with_xla_bf16()(lambda b: b)(1)
     assert cuts == [1]
+
+
+def make_xla(seed: int) -> tuple[Callable[..., Any], nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2)).to(
+        torch_xla.device()
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return make(model, opt), model, opt
+
+
+def test_ampfn_testing_checks_pass_on_xla() -> None:
+    from ampfn import testing
+
+    (pipeline,) = testing.available_pipelines("xla")
+    data = [to_xla(b) for b in problem(6)]
+    testing.check_matches_reference(make_xla, pipeline, data, steps=6)
+    testing.check_state_roundtrip(make_xla, pipeline, data, save_at=3, steps=6)
+    testing.check_never_nonfinite(make_xla, pipeline, data, steps=6)

@@ -1,0 +1,435 @@
+"""Numerical-stability checks for users' own steps under any ampfn pipeline.
+
+Every check has the shape ``check_NAME(make, transform, batches, **options)``:
+
+- ``make(seed)`` builds a fresh trial and returns ``(step, model, optimizer)``
+  (``optimizer`` may be a list), where ``step(batch)`` uses ampfn's effects;
+- ``transform`` is any transform or ``compose(...)`` pipeline, or a
+  :class:`TrialPipeline` built afresh from each trial's model and optimizer;
+- ``batches`` is a hypothesis strategy drawing one batch (the check then runs its own
+  ``@given`` with ``settings``) or a sequence of batches (run once, as is: use this
+  form inside your own ``@given``).
+
+A check returns None when the property holds and raises ``AssertionError`` saying which
+step, which parameter and what value when it does not.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import hypothesis
+import torch
+from hypothesis import strategies as st
+
+from ampfn._core import (
+    Handler,
+    Transform,
+    compute_dtype,
+    handler_wrapper,
+    load_state_dict,
+    state_dict,
+)
+from ampfn.testing._strategies import TrialPipeline
+
+Make = Callable[[int], tuple[Callable[[Any], Any], torch.nn.Module, Any]]
+
+
+class _Probe(Handler):
+    """The outermost handler of a checked pipeline: sees every gradient and step result."""
+
+    __slots__ = ("nonfinite", "optimizers", "poison", "results", "skip")
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+        self.poison: float | None = (
+            None  # inject this value into a gradient after backward
+        )
+        self.skip = False  # reference runs: skip the step (the pipeline skipped it)
+        self.nonfinite = False
+        self.results: list[bool] = []
+
+    def params(self) -> Iterator[torch.Tensor]:
+        return (p for o in self.optimizers for g in o.param_groups for p in g["params"])
+
+    def backward(
+        self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
+    ) -> None:
+        proceed(loss, kwargs)
+        if self.poison is not None:
+            first = next((p for p in self.params() if p.grad is not None), None)
+            assert first is not None, (
+                "the step's backward produced no gradient to poison"
+            )
+            assert first.grad is not None
+            first.grad.view(-1)[0] = self.poison
+        self.nonfinite = self.nonfinite or any(
+            not bool(p.grad.isfinite().all())
+            for p in self.params()
+            if p.grad is not None
+        )
+
+    def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
+        result = False if self.skip else proceed(optimizer)
+        self.results.append(result)
+        return result
+
+
+class _Trial:
+    def __init__(self, make: Make, transform: Any, seed: int) -> None:
+        step, self.model, optimizer = make(seed)
+        self.optimizers = (
+            list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        )
+        if isinstance(transform, TrialPipeline):
+            transform = transform.build(self.model, optimizer)
+        self.pipeline = transform(step) if transform is not None else step
+        self.probe = _Probe(self.optimizers)
+        self.step = Transform("ampfn.testing", handler_wrapper(self.probe))(
+            self.pipeline
+        )
+
+    def run(
+        self, batch: Any, poison: float | None = None, skip: bool = False
+    ) -> list[bool]:
+        self.probe.poison, self.probe.skip, self.probe.nonfinite, self.probe.results = (
+            poison,
+            skip,
+            False,
+            [],
+        )
+        self.step(batch)
+        return self.probe.results
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {
+            f"model.{n}": p for n, p in self.model.named_parameters()
+        }
+        for i, o in enumerate(self.optimizers):
+            for j, g in enumerate(o.param_groups):
+                for k, p in enumerate(g["params"]):
+                    out.setdefault(f"optimizer[{i}].param_groups[{j}][{k}]", p)
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "params": {n: t.detach().clone() for n, t in self.named_tensors().items()},
+            "optimizers": [
+                copy.deepcopy(o.state_dict()["state"]) for o in self.optimizers
+            ],
+        }
+
+
+def _for_each_example(
+    prop: Callable[[list[Any]], None], batches: Any, steps: int, settings: Any
+) -> None:
+    if isinstance(batches, st.SearchStrategy):
+        chosen = hypothesis.settings(
+            settings if settings is not None else hypothesis.settings.default,
+            deadline=None,
+            suppress_health_check=[
+                hypothesis.HealthCheck.too_slow,
+                hypothesis.HealthCheck.large_base_example,
+            ],
+        )
+
+        @chosen
+        @hypothesis.given(st.lists(batches, min_size=steps, max_size=steps))
+        def check(drawn: list[Any]) -> None:
+            prop(drawn)
+
+        check()
+    else:
+        listed = list(batches)
+        if not listed:
+            raise ValueError("ampfn.testing: batches is an empty sequence")
+        prop(list(itertools.islice(itertools.cycle(listed), max(steps, len(listed)))))
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """Where two nested states differ (None when they are equal bit for bit)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        ok = (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+        )
+        return (
+            None if ok and torch.equal(a, b) else f"{path or 'value'}: {a!r} != {b!r}"
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = _first_difference(a.get(k), b.get(k), f"{path}[{k!r}]")
+            if d is not None:
+                return d
+        return None
+    if (
+        isinstance(a, (list, tuple))
+        and isinstance(b, (list, tuple))
+        and len(a) == len(b)
+    ):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            d = _first_difference(x, y, f"{path}[{i}]")
+            if d is not None:
+                return d
+        return None
+    same = a == b or (
+        isinstance(a, float)
+        and isinstance(b, float)
+        and math.isnan(a)
+        and math.isnan(b)
+    )
+    return None if same else f"{path or 'value'}: {a!r} != {b!r}"
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded as GradScaler's float32 scale tensor rounds it."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def _scaler_state(pipeline: Callable[..., Any]) -> dict[str, Any] | None:
+    def find(node: Any) -> dict[str, Any] | None:
+        if isinstance(node, dict):
+            if "scale" in node and "_growth_tracker" in node:
+                return node
+            for v in node.values():
+                found = find(v)
+                if found is not None:
+                    return found
+        elif isinstance(node, list):
+            for v in node:
+                found = find(v)
+                if found is not None:
+                    return found
+        return None
+
+    return find(state_dict(pipeline))
+
+
+def check_skips_nonfinite(
+    make: Make,
+    transform: Any,
+    batches: Any,
+    *,
+    poison_at: Sequence[int] = (1,),
+    value: str = "inf",
+    resume_steps: int = 4,
+    seed: int = 0,
+    settings: Any = None,
+) -> None:
+    """Non-finite gradients are skipped exactly, the scale backs off, then training resumes.
+
+    At each step in ``poison_at`` the first gradient of the optimizers' parameters gets
+    ``value`` ("inf", "-inf" or "nan") after backward. Every step whose gradients are
+    non-finite (poisoned, or overflowing on their own) must return False and leave every
+    parameter and optimizer state bit for bit as it was, and the scale must back off;
+    every other step must step, and the scale follow GradScaler's growth law. After the
+    last poisoned step, ``resume_steps`` clean steps must run.
+    """
+    poison = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}.get(value)
+    if poison is None:
+        raise ValueError(
+            f"check_skips_nonfinite: value must be 'inf', '-inf' or 'nan', got {value!r}"
+        )
+    steps = max(poison_at, default=0) + 1 + resume_steps
+
+    def prop(drawn: list[Any]) -> None:
+        trial = _Trial(make, transform, seed)
+        stepped_after = False
+        for i, batch in enumerate(drawn[:steps]):
+            before, scale = trial.snapshot(), _scaler_state(trial.pipeline)
+            if scale is None:
+                raise AssertionError(
+                    "check_skips_nonfinite: the pipeline has no dynamic loss scaler (no 'scale' in "
+                    "ampfn.state_dict), so nothing skips non-finite steps"
+                )
+            results = trial.run(batch, poison if i in poison_at else None)
+            after = _scaler_state(trial.pipeline)
+            assert after is not None
+            if trial.probe.nonfinite:
+                what = "poisoned" if i in poison_at else "overflowing"
+                assert not any(results), (
+                    f"step {i}: gradients were {what} (non-finite) but ampfn.step returned {results}"
+                )
+                now = trial.snapshot()
+                diff = _first_difference(before["params"], now["params"], "parameter")
+                assert diff is None, f"step {i}: a skipped step changed {diff}"
+                diff = _first_difference(
+                    before["optimizers"], now["optimizers"], "optimizer state"
+                )
+                assert diff is None, f"step {i}: a skipped step changed {diff}"
+                expected = _f32(scale["scale"] * scale["backoff_factor"])
+                assert after["scale"] == expected, (
+                    f"step {i}: the scale went {scale['scale']} -> {after['scale']}, expected a back-off to {expected}"
+                )
+            else:
+                assert results, f"step {i}: the step never called ampfn.step"
+                assert all(results), (
+                    f"step {i}: gradients were finite but ampfn.step returned {results}"
+                )
+                grows = scale["_growth_tracker"] + 1 == scale["growth_interval"]
+                expected = (
+                    _f32(scale["scale"] * scale["growth_factor"])
+                    if grows
+                    else scale["scale"]
+                )
+                assert after["scale"] == expected, (
+                    f"step {i}: the scale went {scale['scale']} -> {after['scale']}, expected {expected} "
+                    f"(growth tracker {scale['_growth_tracker']} of {scale['growth_interval']})"
+                )
+                stepped_after = stepped_after or i > max(poison_at, default=-1)
+        assert stepped_after or resume_steps == 0, (
+            "training never resumed after the poisoned steps"
+        )
+
+    _for_each_example(prop, batches, steps, settings)
+
+
+def default_tolerance(dtype: torch.dtype, steps: int) -> float:
+    """``16 * eps(dtype) * sqrt(steps)``: rounding errors of size eps, growing like a random walk."""
+    return 16 * torch.finfo(dtype).eps * math.sqrt(max(steps, 1))
+
+
+def check_matches_reference(
+    make: Make,
+    transform: Any,
+    batches: Any,
+    *,
+    steps: int = 8,
+    rtol: float | None = None,
+    atol: float | None = None,
+    seed: int = 0,
+    settings: Any = None,
+) -> None:
+    """After ``steps`` steps the pipeline's parameters are close to the fp32 run's.
+
+    The reference is the same step with no transform, from ``make(seed)`` again; it skips
+    the steps the pipeline skipped (dynamic loss scaling skips a few at first), so both
+    take the same updates. A parameter passes when ``|p - ref| <= atol + rtol * |ref|``;
+    both default to :func:`default_tolerance` of the pipeline's compute dtype.
+    """
+
+    def prop(drawn: list[Any]) -> None:
+        trial, ref = _Trial(make, transform, seed), _Trial(make, None, seed)
+        skipped = 0
+        for batch in drawn[:steps]:
+            results = trial.run(batch)
+            took = all(results)
+            skipped += not took
+            ref.run(batch, skip=not took)
+        dtype = compute_dtype(trial.pipeline)
+        tol = default_tolerance(dtype, steps)
+        a, r = (tol if atol is None else atol), (tol if rtol is None else rtol)
+        how = f"atol={a:.3g}, rtol={r:.3g}" + (
+            f" (16 * eps({dtype}) * sqrt({steps} steps))"
+            if atol is None or rtol is None
+            else ""
+        )
+        reference = ref.named_tensors()
+        worst: tuple[float, str, float] | None = None
+        for name, p in trial.model.named_parameters():
+            q = reference[f"model.{name}"].detach().float()
+            err = (p.detach().float() - q).abs()
+            excess = (err - (a + r * q.abs())).max().item()
+            rank = excess if math.isfinite(excess) else math.inf
+            if rank > 0 and (worst is None or rank > worst[0]):
+                worst = (rank, name, err.max().item())
+        if worst is not None:
+            raise AssertionError(
+                f"check_matches_reference: after {steps} steps ({skipped} skipped) parameter {worst[1]!r} is "
+                f"{worst[2]:.3g} away from the fp32 reference, beyond {how}"
+            )
+
+    _for_each_example(prop, batches, steps, settings)
+
+
+def check_never_nonfinite(
+    make: Make,
+    transform: Any,
+    batches: Any,
+    *,
+    steps: int = 8,
+    seed: int = 0,
+    settings: Any = None,
+) -> None:
+    """No parameter (model or optimizer's) ever becomes inf or NaN, whatever the batches."""
+
+    def prop(drawn: list[Any]) -> None:
+        trial = _Trial(make, transform, seed)
+        for i, batch in enumerate(drawn[:steps]):
+            trial.run(batch)
+            for name, p in trial.named_tensors().items():
+                bad = ~p.detach().isfinite()
+                if bool(bad.any()):
+                    where = tuple(int(j) for j in bad.nonzero()[0])
+                    raise AssertionError(
+                        f"check_never_nonfinite: after step {i}, {name}{list(where)} is {p.detach()[where].item()} "
+                        f"({int(bad.sum())} non-finite values)"
+                    )
+
+    _for_each_example(prop, batches, steps, settings)
+
+
+def check_state_roundtrip(
+    make: Make,
+    transform: Any,
+    batches: Any,
+    *,
+    save_at: int = 3,
+    steps: int = 6,
+    seed: int = 0,
+    settings: Any = None,
+) -> None:
+    """``ampfn.state_dict`` saved after ``save_at`` steps and loaded into a fresh trial
+    (with the model's and optimizers' own state dicts) continues identically to ``steps``."""
+    if not 0 <= save_at <= steps:
+        raise ValueError(
+            f"check_state_roundtrip: save_at must be in [0, steps], got {save_at} of {steps}"
+        )
+
+    def prop(drawn: list[Any]) -> None:
+        first = _Trial(make, transform, seed)
+        for batch in drawn[:save_at]:
+            first.run(batch)
+        saved = copy.deepcopy(
+            (
+                state_dict(first.pipeline),
+                first.model.state_dict(),
+                [o.state_dict() for o in first.optimizers],
+            )
+        )
+        trajectory = []
+        for batch in drawn[save_at:steps]:
+            first.run(batch)
+            trajectory.append((first.snapshot()["params"], state_dict(first.pipeline)))
+        second = _Trial(
+            make, transform, seed + 1
+        )  # other initial values: loading must restore them all
+        second.model.load_state_dict(saved[1])
+        for o, s in zip(second.optimizers, saved[2], strict=True):
+            o.load_state_dict(s)
+        load_state_dict(second.pipeline, saved[0])
+        diff = _first_difference(
+            saved[0], state_dict(second.pipeline), "ampfn.state_dict"
+        )
+        assert diff is None, (
+            f"check_state_roundtrip: right after loading the state saved at step {save_at}, {diff}"
+        )
+        for i, (batch, (params, state)) in enumerate(
+            zip(drawn[save_at:steps], trajectory, strict=True)
+        ):
+            second.run(batch)
+            diff = _first_difference(
+                params, second.snapshot()["params"], "parameter"
+            ) or _first_difference(
+                state, state_dict(second.pipeline), "ampfn.state_dict"
+            )
+            assert diff is None, (
+                f"check_state_roundtrip: resumed at step {save_at}, step {save_at + i} differs: {diff}"
+            )
+
+    _for_each_example(prop, batches, steps, settings)

@@ -1,0 +1,319 @@
+"""ampfn.testing: the strategies, the checks on every pipeline, and the checks failing when they must."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import ampfn
+from ampfn import testing
+from ampfn._core import Handler, Transform, handler_wrapper
+
+PIPELINES = testing.available_pipelines("cpu")
+SKIPPING = testing.available_pipelines("cpu", skipping=True)
+
+
+def make(seed: int) -> tuple[Callable[[Any], Any], nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(model(x).float(), y)
+        ampfn.backward(loss)
+        ampfn.step(opt)
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, model, opt
+
+
+BATCHES = testing.batches((16, 6), num_classes=3)
+
+
+def fixed(n: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [
+        (torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+        for _ in range(n)
+    ]
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@given(
+    st.sampled_from([torch.float16, torch.bfloat16]).flatmap(
+        lambda d: st.tuples(st.just(d), testing.edge_values(d))
+    )
+)
+def test_edge_values_are_finite_float32(drawn: tuple[torch.dtype, float]) -> None:
+    _, v = drawn
+    assert torch.tensor(v, dtype=torch.float32).isfinite()
+
+
+@given(testing.tensors((3, 4), nonfinite="any", at=[0, 5]))
+def test_tensors_inject_nonfinite_exactly_where_asked(t: torch.Tensor) -> None:
+    assert t.shape == (3, 4)
+    bad = (~t.isfinite()).view(-1).nonzero().view(-1).tolist()
+    assert bad[:1] == [0]
+    assert 5 in bad
+
+
+@given(testing.tensors((64,), torch.float16))
+def test_tensors_cast_to_the_requested_dtype(t: torch.Tensor) -> None:
+    assert t.dtype == torch.float16
+
+
+def test_tensors_probe_the_fp16_edges() -> None:
+    seen: dict[str, bool] = {"overflow": False, "subnormal": False, "near_max": False}
+
+    @settings(max_examples=60, derandomize=True)
+    @given(testing.tensors((32,)))
+    def collect(t: torch.Tensor) -> None:
+        h = t.half()
+        seen["overflow"] |= bool((h.isinf() & t.isfinite()).any())
+        seen["subnormal"] |= bool(((h != 0) & (h.abs() < 6.1035e-05)).any())
+        seen["near_max"] |= bool(((t.abs() > 30000) & (t.abs() <= 65504)).any())
+
+    collect()
+    assert all(seen.values()), seen
+
+
+@given(BATCHES)
+def test_batches_have_the_requested_shape(
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    x, y = batch
+    assert x.shape == (16, 6)
+    assert y.shape == (16,)
+    assert y.dtype == torch.long
+    assert int(y.min()) >= 0
+    assert int(y.max()) < 3
+
+
+@given(testing.loss_scale_settings())
+def test_loss_scale_settings_build_grad_scalers(s: testing.LossScaleSettings) -> None:
+    scaler = s.grad_scaler("cpu")
+    assert scaler.get_scale() == s.init_scale
+    assert scaler.state_dict()["growth_interval"] == s.growth_interval
+
+
+def test_bad_strategy_arguments() -> None:
+    with pytest.raises(ValueError, match=r"tensors\(shape, ...\): nonfinite must be"):
+        testing.tensors((2,), nonfinite="big")
+    with pytest.raises(
+        ValueError, match=r"tensors\(shape, ...\): positions \[7\] are outside"
+    ):
+        testing.tensors((2,), nonfinite="nan", at=[7])
+
+
+def test_pipelines_cover_every_cpu_transform() -> None:
+    names = {p.name for p in PIPELINES}
+    assert {
+        "autocast-bf16",
+        "scaling+autocast-bf16",
+        "apex-O1",
+        "apex-O2",
+        "apex-O3",
+    } <= names
+    assert all(p.skips_nonfinite for p in SKIPPING)
+
+
+# --------------------------------------------------------------------------- checks pass on every pipeline
+
+
+@pytest.mark.parametrize("pipeline", SKIPPING, ids=lambda p: p.name)
+def test_check_skips_nonfinite_on_every_scaling_pipeline(
+    pipeline: testing.TrialPipeline,
+) -> None:
+    testing.check_skips_nonfinite(
+        make, pipeline, BATCHES, poison_at=(1, 2), settings=settings(max_examples=3)
+    )
+    testing.check_skips_nonfinite(make, pipeline, fixed(), value="nan")
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.name)
+def test_check_matches_reference_on_every_pipeline(
+    pipeline: testing.TrialPipeline,
+) -> None:
+    testing.check_matches_reference(
+        make, pipeline, BATCHES, steps=6, settings=settings(max_examples=3)
+    )
+
+
+@pytest.mark.parametrize("pipeline", SKIPPING, ids=lambda p: p.name)
+def test_check_never_nonfinite_on_every_scaling_pipeline(
+    pipeline: testing.TrialPipeline,
+) -> None:
+    edgy = testing.batches((16, 6), num_classes=3, probe=torch.float16)
+    testing.check_never_nonfinite(
+        make, pipeline, edgy, steps=4, settings=settings(max_examples=4)
+    )
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.name)
+def test_check_state_roundtrip_on_every_pipeline(
+    pipeline: testing.TrialPipeline,
+) -> None:
+    testing.check_state_roundtrip(make, pipeline, fixed(), save_at=3, steps=6)
+
+
+def test_checks_accept_a_plain_transform_inside_a_users_given() -> None:
+    @settings(max_examples=3)
+    @given(st.lists(BATCHES, min_size=6, max_size=6))
+    def users_test(data: list[Any]) -> None:
+        testing.check_matches_reference(
+            make, ampfn.with_autocast("bf16", "cpu"), data, steps=6
+        )
+
+    users_test()
+
+
+# --------------------------------------------------------------------------- checks catch broken transforms
+
+
+class _StepsAnyway(Handler):
+    """Broken: steps the optimizer itself, bypassing the scaler's skip."""
+
+    __slots__ = ()
+
+    def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
+        optimizer.step()
+        return True
+
+
+class _Perturbs(Handler):
+    """Broken: nudges every parameter after each step."""
+
+    __slots__ = ()
+
+    def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
+        result = proceed(optimizer)
+        with torch.no_grad():
+            for g in optimizer.param_groups:
+                for p in g["params"]:
+                    p.add_(1e-2)
+        return result
+
+
+class _Forgetful:
+    """Broken: a state that ignores what it is asked to load."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.state.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any], /) -> None:
+        pass
+
+
+def _broken(handler: Handler) -> testing.TrialPipeline:
+    return testing.TrialPipeline(
+        "broken",
+        lambda m, o: ampfn.compose(
+            Transform("broken", handler_wrapper(handler)),
+            ampfn.with_grad_scaling(
+                torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+            ),
+        ),
+    )
+
+
+def test_check_skips_nonfinite_catches_a_pipeline_that_steps_on_inf() -> None:
+    with pytest.raises(
+        AssertionError,
+        match=r"step 1: gradients were poisoned \(non-finite\) but ampfn.step returned \[True\]",
+    ):
+        testing.check_skips_nonfinite(make, _broken(_StepsAnyway()), fixed())
+
+
+def test_check_skips_nonfinite_catches_a_pipeline_without_a_scaler() -> None:
+    with pytest.raises(AssertionError, match="has no dynamic loss scaler"):
+        testing.check_skips_nonfinite(make, ampfn.with_autocast("bf16", "cpu"), fixed())
+
+
+def test_check_matches_reference_catches_a_perturbed_update() -> None:
+    with pytest.raises(
+        AssertionError,
+        match=r"parameter '\d\.(weight|bias)' is .* away from the fp32 reference, beyond atol=",
+    ):
+        testing.check_matches_reference(make, _broken(_Perturbs()), fixed())
+
+
+def test_check_never_nonfinite_catches_fp16_without_scaling() -> None:
+    huge = [(torch.full((16, 6), 6e4), torch.zeros(16, dtype=torch.long))] * 3
+    with pytest.raises(
+        AssertionError,
+        match=r"check_never_nonfinite: after step \d, model\.[\w.]+\[[\d, ]+\] is nan",
+    ):
+        testing.check_never_nonfinite(make, ampfn.with_autocast("fp16", "cpu"), huge)
+
+
+def test_check_state_roundtrip_catches_a_transform_that_loses_its_scale() -> None:
+    def build(m: nn.Module, o: Any) -> Transform:
+        real = ampfn.with_grad_scaling(
+            torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+        )
+        return Transform(
+            "lossy", real._wrap, tags=("loss_scaling",), state=_Forgetful(real.state)
+        )
+
+    with pytest.raises(
+        AssertionError,
+        match=r"right after loading the state saved at step 3, ampfn.state_dict.*\['scaler'\]",
+    ):
+        testing.check_state_roundtrip(
+            make, testing.TrialPipeline("lossy", build), fixed()
+        )
+
+
+def test_hypothesis_reports_the_minimal_failing_batch() -> None:
+    edgy = testing.batches((4, 6), num_classes=3, probe=torch.float16)
+    with pytest.raises(
+        AssertionError,
+        match=r"check_never_nonfinite: after step 0, model\.[\w.]+\[[\d, ]+\] is nan",
+    ) as e:
+        testing.check_never_nonfinite(
+            make,
+            ampfn.with_autocast("fp16", "cpu"),
+            edgy,
+            steps=1,
+            settings=settings(max_examples=50, database=None, derandomize=True),
+        )
+    notes = "\n".join(getattr(e.value, "__notes__", []))
+    assert "Falsifying example" in notes
+    assert "tensor(" in notes
+
+
+def test_bad_check_arguments() -> None:
+    with pytest.raises(ValueError, match="check_skips_nonfinite: value must be"):
+        testing.check_skips_nonfinite(make, SKIPPING[0], fixed(), value="big")
+    with pytest.raises(
+        ValueError, match=r"check_state_roundtrip: save_at must be in \[0, steps\]"
+    ):
+        testing.check_state_roundtrip(make, SKIPPING[0], fixed(), save_at=9, steps=4)
+    with pytest.raises(ValueError, match="batches is an empty sequence"):
+        testing.check_never_nonfinite(make, SKIPPING[0], [])
+
+
+def test_missing_hypothesis_names_the_extra() -> None:
+    code = "import sys; sys.modules['hypothesis'] = None; import ampfn.testing"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode != 0
+    assert "ampfn.testing needs hypothesis" in proc.stderr
+    assert "pip install 'ampfn[test]'" in proc.stderr
