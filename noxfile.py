@@ -45,7 +45,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     session.install(TORCH, "-e", ".[test]", "mypy>=1.11")
     session.run("mypy", "--strict", "src", *session.posargs)
-    session.run("mypy", "tests", *session.posargs)
+    session.run("mypy", "tests", "benchmarks", "examples", *session.posargs)
 
 
 @nox.session

@@ -84,7 +84,11 @@ def check_autocast(
 
 
 class _AutocastOff(Handler):
-    """Backward (and clipping) run with autocast off, as PyTorch advises."""
+    """Backward (and clipping) run with autocast off, as PyTorch advises.
+
+    Flipping the thread-local flag (restored afterwards) is what a nested
+    ``torch.autocast(enabled=False)`` does, without its construction cost.
+    """
 
     __slots__ = ("device_type",)
 
@@ -94,8 +98,13 @@ class _AutocastOff(Handler):
     def backward(
         self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
     ) -> None:
-        with torch.autocast(self.device_type, enabled=False):
+        dev = self.device_type
+        was = torch.is_autocast_enabled(dev)
+        torch.set_autocast_enabled(dev, False)
+        try:
             proceed(loss, kwargs)
+        finally:
+            torch.set_autocast_enabled(dev, was)
 
     def clip_grad_norm_(
         self,
@@ -105,8 +114,13 @@ class _AutocastOff(Handler):
         optimizer: Any,
         norm_type: float,
     ) -> torch.Tensor:
-        with torch.autocast(self.device_type, enabled=False):
+        dev = self.device_type
+        was = torch.is_autocast_enabled(dev)
+        torch.set_autocast_enabled(dev, False)
+        try:
             return proceed(parameters, max_norm, optimizer, norm_type)
+        finally:
+            torch.set_autocast_enabled(dev, was)
 
 
 def autocast_transform(

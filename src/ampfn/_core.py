@@ -401,6 +401,13 @@ def load_state_dict(wrapped_step: Callable[..., Any], state: dict[str, Any]) -> 
 
     Raises:
         ValueError: ``state`` was saved from a pipeline with other stateful transforms.
+        TypeError: ``state`` is not what :func:`state_dict` returns.
+
+    Example:
+        >>> import ampfn
+        >>> saved = ampfn.state_dict(ampfn.with_grad_scaling()(lambda batch: batch))
+        >>> resumed = ampfn.with_grad_scaling()(lambda batch: batch)
+        >>> ampfn.load_state_dict(resumed, saved)
     """
     api = "ampfn.load_state_dict(wrapped_step, state)"
     states = _states(wrapped_step, api)

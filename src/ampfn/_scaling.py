@@ -40,9 +40,9 @@ class ScalingState:
     def __init__(self, scaler: Any) -> None:
         self.scaler = scaler
         self.pending: set[int] = set()
-        self.counters: weakref.WeakKeyDictionary[Any, list[int]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # id(optimizer) -> (weak reference, step count): cheaper to read on every step
+        # than a WeakKeyDictionary.
+        self.counters: dict[int, tuple[weakref.ref[Any], list[int]]] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict()}
@@ -56,12 +56,11 @@ class ScalingState:
             self.pending.add(id(optimizer))
 
     def step(self, optimizer: Any) -> bool:
-        cell = self.counters.get(optimizer)
-        if cell is None and not getattr(optimizer, "_step_supports_amp_scaling", False):
-            register = getattr(optimizer, "register_step_post_hook", None)
-            if register is not None:
-                cell = self.counters[optimizer] = [0]
-                register(functools.partial(_bump, cell))
+        entry = self.counters.get(id(optimizer))
+        if entry is not None and entry[0]() is optimizer:
+            cell: list[int] | None = entry[1]
+        else:
+            cell = self._hook(optimizer)
         before = cell[0] if cell is not None else 0
         self.scaler.step(optimizer)
         self.pending.discard(id(optimizer))
@@ -71,6 +70,20 @@ class ScalingState:
         per_optimizer = getattr(self.scaler, "_per_optimizer_states", {})
         found = per_optimizer.get(id(optimizer), {}).get("found_inf_per_device", {})
         return not any(v.item() for v in found.values())
+
+    def _hook(self, optimizer: Any) -> list[int] | None:
+        """Count ``optimizer``'s real steps with a post-hook (once per optimizer)."""
+        register = getattr(optimizer, "register_step_post_hook", None)
+        if register is None or getattr(optimizer, "_step_supports_amp_scaling", False):
+            return None
+        cell = [0]
+        register(functools.partial(_bump, cell))
+        key, counters = id(optimizer), self.counters
+        counters[key] = (
+            weakref.ref(optimizer, lambda _: counters.pop(key, None)),
+            cell,
+        )
+        return cell
 
     def finish(self, stepped: bool, failed: bool) -> None:
         """End one call of the wrapped step: update once if anything stepped; after an

@@ -1,0 +1,40 @@
+"""The README's example and the examples/ scripts run as written."""
+
+from __future__ import annotations
+
+import re
+import runpy
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_ten_line_example_runs() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## In ten lines", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None
+    namespace: dict[str, object] = {}
+    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    assert "checkpoint" in namespace
+
+
+def test_readme_setup_is_two_commands_and_ci_runs_the_test_one() -> None:
+    text = (ROOT / "README.md").read_text()
+    setup = text.split("## Set-up", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", setup, re.S)
+    assert block is not None
+    commands = [
+        line.split("#")[0].strip()
+        for line in block.group(1).splitlines()
+        if line.strip()
+    ]
+    assert len(commands) == 2
+    assert commands[0].endswith("python -m ampfn.demo")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1] in ci.splitlines()
+
+
+def test_property_testing_example_runs() -> None:
+    module = runpy.run_path(str(ROOT / "examples" / "property_test_my_model.py"))
+    module["test_fp16_training_is_stable"]()  # type: ignore[operator]
