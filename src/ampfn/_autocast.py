@@ -64,6 +64,12 @@ def check_autocast(
         raise ValueError(
             f"{api}: device_type is a device type such as 'cuda', not a device; got {device_type!r}"
         )
+    is_available = getattr(getattr(torch, device_type, None), "is_available", None)
+    if callable(is_available) and not is_available():
+        # torch.autocast itself stays enabled for "cuda" without CUDA once torch_xla is installed.
+        raise ValueError(
+            f"{api}: {dtype} autocast is not available on {device_type!r}: no such device is available here"
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -197,3 +197,14 @@ def test_ampfn_testing_checks_pass_on_xla() -> None:
     testing.check_matches_reference(make_xla, pipeline, data, steps=6)
     testing.check_state_roundtrip(make_xla, pipeline, data, save_at=3, steps=6)
     testing.check_never_nonfinite(make_xla, pipeline, data, steps=6)
+
+
+def test_demo_runs_its_bf16_pipelines_on_xla(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("sklearn")
+    from ampfn import demo
+
+    assert demo.main(["--device", "xla", "--steps", "20", "--no-progress"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:]]
+    assert rows == ["fp32", "bf16", "bf16-true"]
