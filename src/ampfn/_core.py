@@ -85,14 +85,11 @@ def _base_clip(
 def _dispatch(
     name: str, base: Callable[..., Any], handlers: tuple[Handler, ...], *args: Any
 ) -> Any:
-    last = len(handlers)
-
-    def run(i: int, *a: Any) -> Any:
-        if i == last:
-            return base(*a)
-        return getattr(handlers[i], name)(functools.partial(run, i + 1), *a)
-
-    return run(0, *args)
+    """Run effect ``name`` through ``handlers``, outermost first, ending in ``base``."""
+    proceed = base
+    for handler in reversed(handlers[1:]):
+        proceed = functools.partial(getattr(handler, name), proceed)
+    return getattr(handlers[0], name)(proceed, *args)
 
 
 def backward(loss: torch.Tensor, **kwargs: Any) -> None:
