@@ -368,3 +368,46 @@ def test_disabled_scaler_is_plain_training() -> None:
         scaled(b)
         plain(b)
     assert params_equal(model, ref)
+
+
+def test_stepping_an_optimizer_twice_in_one_call_is_an_error_that_leaves_the_scaler_clean() -> (
+    None
+):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    s = scaler("cpu")
+    twice = {"now": True}
+
+    @ampfn.with_grad_scaling(s)
+    def train_step(b: Batch) -> bool:
+        ampfn.backward(model(b[0]).sum())
+        stepped = ampfn.step(opt)
+        if twice["now"]:
+            ampfn.step(opt)
+        opt.zero_grad()
+        return stepped
+
+    with pytest.raises(
+        RuntimeError,
+        match=r"ampfn.step\(optimizer\): this optimizer already stepped in this call",
+    ):
+        train_step(batches(1)[0])
+    twice["now"] = False
+    opt.zero_grad()
+    assert train_step(batches(1)[0]) is True
+    assert s.state_dict()["_growth_tracker"] == 0  # two updates: 1 of 2, then growth
+    assert s.get_scale() == 2.0**11
+
+
+def test_a_failing_step_keeps_its_own_exception() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    @ampfn.with_grad_scaling(scaler("cpu"))
+    def train_step(b: Batch) -> None:
+        ampfn.step(
+            opt
+        )  # before scale(loss): GradScaler.step fails, and update() would too
+
+    with pytest.raises(AssertionError, match="Attempted step but _scale is None"):
+        train_step(batches(1)[0])

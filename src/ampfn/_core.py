@@ -341,7 +341,9 @@ def compose(
     associative, so a stack of decorators and a ``compose`` of the same transforms build
     the same pipeline. Any ``Callable[[Step], Step]`` may take part; ampfn's own
     transforms are also checked for conflicts here (two loss scalers, loss scaling with
-    XLA bf16).
+    XLA bf16). Your own transforms should keep the step's attributes
+    (``functools.wraps``): that is how :func:`state_dict` and the conflict checks see
+    the transforms inside them.
 
     Raises:
         TypeError: a transform is not callable (the message names its position).

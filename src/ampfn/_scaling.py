@@ -35,11 +35,14 @@ class ScalingState:
     which tells a skipped step from a taken one without a device sync.
     """
 
-    __slots__ = ("counters", "pending", "scaler")
+    __slots__ = ("counters", "pending", "scaler", "stepped")
 
     def __init__(self, scaler: Any) -> None:
         self.scaler = scaler
         self.pending: set[int] = set()
+        self.stepped: set[int] = (
+            set()
+        )  # ids of optimizers stepped since the last update
         # id(optimizer) -> (weak reference, step count): cheaper to read on every step
         # than a WeakKeyDictionary.
         self.counters: dict[int, tuple[weakref.ref[Any], list[int]]] = {}
@@ -61,8 +64,14 @@ class ScalingState:
             cell: list[int] | None = entry[1]
         else:
             cell = self._hook(optimizer)
+        if id(optimizer) in self.stepped:
+            raise RuntimeError(
+                "ampfn.step(optimizer): this optimizer already stepped in this call; under loss "
+                "scaling each optimizer steps at most once per call of the wrapped step"
+            )
         before = cell[0] if cell is not None else 0
         self.scaler.step(optimizer)
+        self.stepped.add(id(optimizer))
         self.pending.discard(id(optimizer))
         if cell is not None:
             return cell[0] != before
@@ -86,16 +95,22 @@ class ScalingState:
         return cell
 
     def finish(self, stepped: bool, failed: bool) -> None:
-        """End one call of the wrapped step: update once if anything stepped; after an
-        exception, also drop a half-done unscale so the next call starts clean."""
+        """End one call of the wrapped step: update once if anything stepped. After an
+        exception, drop any half-done unscale too, so the next call starts clean, and
+        never hide the step's own exception behind the scaler's."""
         if stepped:
-            self.scaler.update()
-            self.pending.clear()
-        elif failed and self.pending:
+            try:
+                self.scaler.update()
+            except Exception:
+                if not failed:
+                    raise
+        if failed:
             per_optimizer = getattr(self.scaler, "_per_optimizer_states", None)
             if per_optimizer is not None:
                 per_optimizer.clear()
+        if stepped or failed:
             self.pending.clear()
+            self.stepped.clear()
 
 
 class _ScalingCall(Handler):
