@@ -101,16 +101,19 @@ class _AutocastOff(Handler):
     def __init__(self, device_type: str) -> None:
         self.device_type = device_type
 
-    def backward(
-        self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
-    ) -> None:
+    def _off(self, proceed: Callable[..., Any], *args: Any) -> Any:
         dev = self.device_type
         was = torch.is_autocast_enabled(dev)
         torch.set_autocast_enabled(dev, False)
         try:
-            proceed(loss, kwargs)
+            return proceed(*args)
         finally:
             torch.set_autocast_enabled(dev, was)
+
+    def backward(
+        self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
+    ) -> None:
+        self._off(proceed, loss, kwargs)
 
     def clip_grad_norm_(
         self,
@@ -120,13 +123,10 @@ class _AutocastOff(Handler):
         optimizer: Any,
         norm_type: float,
     ) -> torch.Tensor:
-        dev = self.device_type
-        was = torch.is_autocast_enabled(dev)
-        torch.set_autocast_enabled(dev, False)
-        try:
-            return proceed(parameters, max_norm, optimizer, norm_type)
-        finally:
-            torch.set_autocast_enabled(dev, was)
+        result: torch.Tensor = self._off(
+            proceed, parameters, max_norm, optimizer, norm_type
+        )
+        return result
 
 
 def autocast_transform(

@@ -223,6 +223,21 @@ def with_grad_scaling(scaler: Any = None) -> Transform:
     return scaling_transform("with_grad_scaling", scaler)
 
 
+def find_scaler_state(state: Any) -> dict[str, Any] | None:
+    """The first GradScaler state (a dict with "scale" and "_growth_tracker") nested in
+    ``state``, such as ``ampfn.state_dict(step)``; None when the pipeline has none."""
+    if isinstance(state, dict):
+        if "scale" in state and "_growth_tracker" in state:
+            return state
+        state = list(state.values())
+    if isinstance(state, list):
+        for item in state:
+            found = find_scaler_state(item)
+            if found is not None:
+                return found
+    return None
+
+
 class BoundedScaler(torch.amp.GradScaler):
     """``torch.amp.GradScaler`` following Apex's loss-scale law.
 

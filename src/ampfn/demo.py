@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ampfn
+from ampfn._scaling import find_scaler_state
 
 PIPELINES = ("fp32", "bf16", "fp16", "apex-O1", "apex-O2", "apex-O3", "bf16-true")
 _XLA_PIPELINES = ("fp32", "bf16", "bf16-true")
@@ -91,21 +92,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _scale(pipeline_step: Callable[..., Any]) -> str:
-    def find(node: Any) -> float | None:
-        if isinstance(node, dict):
-            if "scale" in node:
-                return float(node["scale"])
-            for v in node.values():
-                if (found := find(v)) is not None:
-                    return found
-        if isinstance(node, list):
-            for v in node:
-                if (found := find(v)) is not None:
-                    return found
-        return None
-
-    scale = find(ampfn.state_dict(pipeline_step))
-    return "-" if scale is None else f"{scale:g}"
+    state = find_scaler_state(ampfn.state_dict(pipeline_step))
+    return "-" if state is None else f"{state['scale']:g}"
 
 
 def run(

@@ -34,6 +34,7 @@ from ampfn._core import (
     load_state_dict,
     state_dict,
 )
+from ampfn._scaling import find_scaler_state
 from ampfn.testing._strategies import TrialPipeline
 
 Make = Callable[[int], tuple[Callable[[Any], Any], torch.nn.Module, Any]]
@@ -192,22 +193,7 @@ def _f32(x: float) -> float:
 
 
 def _scaler_state(pipeline: Callable[..., Any]) -> dict[str, Any] | None:
-    def find(node: Any) -> dict[str, Any] | None:
-        if isinstance(node, dict):
-            if "scale" in node and "_growth_tracker" in node:
-                return node
-            for v in node.values():
-                found = find(v)
-                if found is not None:
-                    return found
-        elif isinstance(node, list):
-            for v in node:
-                found = find(v)
-                if found is not None:
-                    return found
-        return None
-
-    return find(state_dict(pipeline))
+    return find_scaler_state(state_dict(pipeline))
 
 
 def check_skips_nonfinite(
