@@ -39,6 +39,9 @@ def make(seed: int) -> tuple[Callable[[Any], Any], nn.Module, torch.optim.Optimi
 
 
 BATCHES = testing.batches((16, 6), num_classes=3)
+# Each example of a check trains a few steps: an eighth of the profile's examples
+# (3 under "ci", 50 under "thorough").
+FEW = settings(max_examples=max(3, settings.default.max_examples // 8))
 
 
 def fixed(n: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -138,7 +141,7 @@ def test_check_skips_nonfinite_on_every_scaling_pipeline(
     pipeline: testing.TrialPipeline,
 ) -> None:
     testing.check_skips_nonfinite(
-        make, pipeline, BATCHES, poison_at=(1, 2), settings=settings(max_examples=3)
+        make, pipeline, BATCHES, poison_at=(1, 2), settings=FEW
     )
     testing.check_skips_nonfinite(make, pipeline, fixed(), value="nan")
 
@@ -147,9 +150,7 @@ def test_check_skips_nonfinite_on_every_scaling_pipeline(
 def test_check_matches_reference_on_every_pipeline(
     pipeline: testing.TrialPipeline,
 ) -> None:
-    testing.check_matches_reference(
-        make, pipeline, BATCHES, steps=6, settings=settings(max_examples=3)
-    )
+    testing.check_matches_reference(make, pipeline, BATCHES, steps=6, settings=FEW)
 
 
 @pytest.mark.parametrize("pipeline", SKIPPING, ids=lambda p: p.name)
@@ -157,9 +158,7 @@ def test_check_never_nonfinite_on_every_scaling_pipeline(
     pipeline: testing.TrialPipeline,
 ) -> None:
     edgy = testing.batches((16, 6), num_classes=3, probe=torch.float16)
-    testing.check_never_nonfinite(
-        make, pipeline, edgy, steps=4, settings=settings(max_examples=4)
-    )
+    testing.check_never_nonfinite(make, pipeline, edgy, steps=4, settings=FEW)
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.name)
@@ -170,7 +169,7 @@ def test_check_state_roundtrip_on_every_pipeline(
 
 
 def test_checks_accept_a_plain_transform_inside_a_users_given() -> None:
-    @settings(max_examples=3)
+    @FEW
     @given(st.lists(BATCHES, min_size=6, max_size=6))
     def users_test(data: list[Any]) -> None:
         testing.check_matches_reference(
