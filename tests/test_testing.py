@@ -16,7 +16,8 @@ from torch import nn
 
 import ampfn
 from ampfn import testing
-from ampfn._core import Handler, Transform, handler_wrapper
+from ampfn._core import Transform
+from ampfn._effects import Handler, handler_wrapper
 
 PIPELINES = testing.available_pipelines("cpu")
 SKIPPING = testing.available_pipelines("cpu", skipping=True)
@@ -41,7 +42,7 @@ def make(seed: int) -> tuple[Callable[[Any], Any], nn.Module, torch.optim.Optimi
 BATCHES = testing.batches((16, 6), num_classes=3)
 # Each example of a check trains a few steps: an eighth of the profile's examples
 # (3 under "ci", 50 under "thorough").
-FEW = settings(max_examples=max(3, settings.default.max_examples // 8))
+FEW = settings(max_examples=max(3, settings().max_examples // 8))
 
 
 def fixed(n: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:

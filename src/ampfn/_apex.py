@@ -10,14 +10,8 @@ import torch
 from torch import nn
 
 from ampfn._autocast import autocast_transform, check_autocast, default_device_type
-from ampfn._core import (
-    Handler,
-    Params,
-    Stateful,
-    Transform,
-    compute_tag,
-    handler_wrapper,
-)
+from ampfn._core import Stateful, Transform, compute_tag
+from ampfn._effects import Handler, Params, handler_wrapper
 from ampfn._modules import cast_module, castable_parameters, patch_forward
 from ampfn._scaling import BoundedScaler, scaling_transform
 

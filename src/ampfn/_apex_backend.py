@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ampfn._core import Handler, Params, Transform, compute_tag, handler_wrapper
+from ampfn._core import Transform, compute_tag
+from ampfn._effects import Handler, Params, handler_wrapper
 
 if TYPE_CHECKING:
     from ampfn._apex import ApexLevel

@@ -11,7 +11,8 @@ from typing import Any, TypeVar, overload
 import torch
 from torch import nn
 
-from ampfn._core import HANDLERS, Handler, Params, Transform, compute_tag
+from ampfn._core import Transform, compute_tag
+from ampfn._effects import HANDLERS, Handler, Params
 from ampfn._modules import cast_floating, floating_devices
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ampfn._autocast import default_device_type
-from ampfn._core import HANDLERS, Handler, Params, Transform
+from ampfn._core import Transform
+from ampfn._effects import HANDLERS, Handler, Params
 
 _INTERFACE = (
     "scale",

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ampfn._autocast import autocast_transform, check_autocast
-from ampfn._core import HANDLERS, Handler, Transform, compute_tag
+from ampfn._core import Transform, compute_tag
+from ampfn._effects import HANDLERS, Handler
 from ampfn._modules import cast_module, patch_forward
 
 MODES = ("mixed", "true")

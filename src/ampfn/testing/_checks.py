@@ -26,15 +26,10 @@ import hypothesis
 import torch
 from hypothesis import strategies as st
 
-from ampfn._core import (
-    Handler,
-    Transform,
-    compute_dtype,
-    handler_wrapper,
-    load_state_dict,
-    state_dict,
-)
+from ampfn._core import Transform, compute_dtype
+from ampfn._effects import Handler, handler_wrapper
 from ampfn._scaling import find_scaler_state
+from ampfn._state import load_state_dict, state_dict
 from ampfn.testing._strategies import TrialPipeline
 
 Make = Callable[[int], tuple[Callable[[Any], Any], torch.nn.Module, Any]]
