@@ -341,6 +341,8 @@ def with_apex(
     Keep using your own ``model`` and ``optimizer`` objects. Dynamic loss scaling follows
     Apex: start at 2**16, halve on overflow (not below ``min_loss_scale``), double after
     2000 clean steps (not above ``max_loss_scale``); a static ``loss_scale`` never skips.
+    ``with_apex`` owns loss scaling at every level: compose it with no other scaler
+    (set ``loss_scale`` instead).
 
     Args:
         level: "O0", "O1", "O2" or "O3" (lower case accepted).
