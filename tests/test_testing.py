@@ -169,6 +169,34 @@ def test_check_state_roundtrip_on_every_pipeline(
     testing.check_state_roundtrip(make, pipeline, fixed(), save_at=3, steps=6)
 
 
+def make_two(
+    seed: int,
+) -> tuple[Callable[[Any], Any], nn.Module, list[torch.optim.Optimizer]]:
+    """Two optimizers over two halves of one model, as in PyTorch's AMP examples."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    opts = [
+        torch.optim.SGD(model[0].parameters(), lr=0.05),
+        torch.optim.Adam(model[2].parameters(), lr=1e-3),
+    ]
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        ampfn.backward(F.cross_entropy(model(batch[0]).float(), batch[1]))
+        for opt in opts:
+            ampfn.step(opt)
+            opt.zero_grad(set_to_none=True)
+
+    return step, model, opts
+
+
+def test_checks_take_a_list_of_optimizers() -> None:
+    scaled = next(p for p in SKIPPING if p.name == "scaling+autocast-bf16")
+    # Poison lands in optimizer 0 only: GradScaler skips it and steps optimizer 1.
+    testing.check_skips_nonfinite(make_two, scaled, fixed())
+    testing.check_state_roundtrip(make_two, scaled, fixed())
+    testing.check_matches_reference(make_two, scaled, fixed())
+
+
 def test_checks_accept_a_plain_transform_inside_a_users_given() -> None:
     @FEW
     @given(st.lists(BATCHES, min_size=6, max_size=6))
@@ -235,7 +263,7 @@ def _broken(handler: Handler) -> testing.TrialPipeline:
 def test_check_skips_nonfinite_catches_a_pipeline_that_steps_on_inf() -> None:
     with pytest.raises(
         AssertionError,
-        match=r"step 1: gradients were poisoned \(non-finite\) but ampfn.step returned \[True\]",
+        match=r"step 1: optimizer 0's gradients were poisoned \(non-finite\) but ampfn.step returned True",
     ):
         testing.check_skips_nonfinite(make, _broken(_StepsAnyway()), fixed())
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hypothesis
@@ -36,42 +36,46 @@ Make = Callable[[int], tuple[Callable[[Any], Any], torch.nn.Module, Any]]
 
 
 class _Probe(Handler):
-    """The outermost handler of a checked pipeline: sees every gradient and step result."""
+    """The outermost handler of a checked pipeline: sees every gradient and step result.
 
-    __slots__ = ("nonfinite", "optimizers", "poison", "results", "skip")
+    It records, per call, which optimizers (by index) had non-finite gradients after
+    backward, and each ``ampfn.step`` result as ``(optimizer index, stepped)``.
+    """
+
+    __slots__ = ("index", "nonfinite", "optimizers", "poison", "results", "skip")
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
         self.optimizers = optimizers
-        self.poison: float | None = (
-            None  # inject this value into a gradient after backward
-        )
+        self.index = {id(o): i for i, o in enumerate(optimizers)}
+        self.poison: float | None = None  # inject into a gradient after backward
         self.skip = False  # reference runs: skip the step (the pipeline skipped it)
-        self.nonfinite = False
-        self.results: list[bool] = []
-
-    def params(self) -> Iterator[torch.Tensor]:
-        return (p for o in self.optimizers for g in o.param_groups for p in g["params"])
+        self.nonfinite: set[int] = set()
+        self.results: list[tuple[int, bool]] = []
 
     def backward(
         self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
     ) -> None:
         proceed(loss, kwargs)
+        params = [
+            (i, p)
+            for i, o in enumerate(self.optimizers)
+            for g in o.param_groups
+            for p in g["params"]
+        ]
         if self.poison is not None:
-            first = next((p for p in self.params() if p.grad is not None), None)
+            first = next((p for _, p in params if p.grad is not None), None)
             assert first is not None, (
                 "the step's backward produced no gradient to poison"
             )
             assert first.grad is not None
             first.grad.view(-1)[0] = self.poison
-        self.nonfinite = self.nonfinite or any(
-            not bool(p.grad.isfinite().all())
-            for p in self.params()
-            if p.grad is not None
-        )
+        for i, p in params:
+            if p.grad is not None and not bool(p.grad.isfinite().all()):
+                self.nonfinite.add(i)
 
     def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
         result = False if self.skip else proceed(optimizer)
-        self.results.append(result)
+        self.results.append((self.index.get(id(optimizer), -1), result))
         return result
 
 
@@ -91,15 +95,16 @@ class _Trial:
 
     def run(
         self, batch: Any, poison: float | None = None, skip: bool = False
-    ) -> list[bool]:
-        self.probe.poison, self.probe.skip, self.probe.nonfinite, self.probe.results = (
+    ) -> list[tuple[int, bool]]:
+        probe = self.probe
+        probe.poison, probe.skip, probe.nonfinite, probe.results = (
             poison,
             skip,
-            False,
+            set(),
             [],
         )
         self.step(batch)
-        return self.probe.results
+        return probe.results
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {
@@ -114,6 +119,10 @@ class _Trial:
     def snapshot(self) -> dict[str, Any]:
         return {
             "params": {n: t.detach().clone() for n, t in self.named_tensors().items()},
+            "by_optimizer": [
+                [p.detach().clone() for g in o.param_groups for p in g["params"]]
+                for o in self.optimizers
+            ],
             "optimizers": [
                 copy.deepcopy(o.state_dict()["state"]) for o in self.optimizers
             ],
@@ -231,27 +240,42 @@ def check_skips_nonfinite(
             results = trial.run(batch, poison if i in poison_at else None)
             after = _scaler_state(trial.pipeline)
             assert after is not None
-            if trial.probe.nonfinite:
-                what = "poisoned" if i in poison_at else "overflowing"
-                assert not any(results), (
-                    f"step {i}: gradients were {what} (non-finite) but ampfn.step returned {results}"
-                )
+            assert results, f"step {i}: the step never called ampfn.step"
+            bad = trial.probe.nonfinite
+            what = "poisoned" if i in poison_at else "overflowing"
+            for k, stepped in results:
+                if k in bad:
+                    assert not stepped, (
+                        f"step {i}: optimizer {k}'s gradients were {what} (non-finite) but ampfn.step returned True"
+                    )
+                else:
+                    assert stepped, (
+                        f"step {i}: optimizer {k}'s gradients were finite but ampfn.step returned False"
+                    )
+            if bad:
                 now = trial.snapshot()
-                diff = _first_difference(before["params"], now["params"], "parameter")
-                assert diff is None, f"step {i}: a skipped step changed {diff}"
-                diff = _first_difference(
-                    before["optimizers"], now["optimizers"], "optimizer state"
-                )
-                assert diff is None, f"step {i}: a skipped step changed {diff}"
+                for k in sorted(bad):
+                    diff = _first_difference(
+                        before["by_optimizer"][k],
+                        now["by_optimizer"][k],
+                        f"optimizer {k} parameter",
+                    )
+                    diff = diff or _first_difference(
+                        before["optimizers"][k],
+                        now["optimizers"][k],
+                        f"optimizer {k} state",
+                    )
+                    assert diff is None, f"step {i}: a skipped step changed {diff}"
+                if len(bad) == len(trial.optimizers):
+                    diff = _first_difference(
+                        before["params"], now["params"], "parameter"
+                    )
+                    assert diff is None, f"step {i}: a skipped step changed {diff}"
                 expected = _f32(scale["scale"] * scale["backoff_factor"])
                 assert after["scale"] == expected, (
                     f"step {i}: the scale went {scale['scale']} -> {after['scale']}, expected a back-off to {expected}"
                 )
             else:
-                assert results, f"step {i}: the step never called ampfn.step"
-                assert all(results), (
-                    f"step {i}: gradients were finite but ampfn.step returned {results}"
-                )
                 grows = scale["_growth_tracker"] + 1 == scale["growth_interval"]
                 expected = (
                     _f32(scale["scale"] * scale["growth_factor"])
@@ -298,8 +322,7 @@ def check_matches_reference(
         trial, ref = _Trial(make, transform, seed), _Trial(make, None, seed)
         skipped = 0
         for batch in drawn[:steps]:
-            results = trial.run(batch)
-            took = all(results)
+            took = all(stepped for _, stepped in trial.run(batch))
             skipped += not took
             ref.run(batch, skip=not took)
         dtype = compute_dtype(trial.pipeline)
