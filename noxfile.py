@@ -23,7 +23,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def properties(session: nox.Session) -> None:
     """The property tests with many more examples (hypothesis profile 'thorough')."""
-    session.install(TORCH, "-e", ".[test]")
+    session.install(TORCH, "-e", ".[test,demo]")
     session.run(
         "pytest",
         "tests",
