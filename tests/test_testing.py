@@ -328,6 +328,36 @@ def test_hypothesis_reports_the_minimal_failing_batch() -> None:
     assert "tensor(" in notes
 
 
+def test_checks_and_strategies_validate_eagerly() -> None:
+    with pytest.raises(
+        TypeError, match=r"check_matches_reference: make must be a function"
+    ):
+        testing.check_matches_reference(None, SKIPPING[0], fixed())  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError,
+        match=r"check_never_nonfinite: transform must be a transform or a TrialPipeline",
+    ):
+        testing.check_never_nonfinite(make, 3, fixed())
+    with pytest.raises(
+        ValueError, match=r"check_matches_reference: steps must be an int >= 1, got 0"
+    ):
+        testing.check_matches_reference(make, SKIPPING[0], fixed(), steps=0)
+    with pytest.raises(
+        ValueError,
+        match=r"check_skips_nonfinite: poison_at\[0\] must be an int >= 0, got -1",
+    ):
+        testing.check_skips_nonfinite(make, SKIPPING[0], fixed(), poison_at=(-1,))
+    with pytest.raises(
+        ValueError, match=r"batches\(shape, ...\): num_classes must be a positive int"
+    ):
+        testing.batches((4, 2), num_classes=0)
+    with pytest.raises(
+        ValueError,
+        match=r"loss_scale_settings\(max_interval\): expected a positive int",
+    ):
+        testing.loss_scale_settings(0)
+
+
 def test_bad_check_arguments() -> None:
     with pytest.raises(ValueError, match="check_skips_nonfinite: value must be"):
         testing.check_skips_nonfinite(make, SKIPPING[0], fixed(), value="big")

@@ -259,6 +259,13 @@ class _ApexState:
             part.load_state_dict(state[name])
 
 
+def _passthrough(step: Callable[..., Any]) -> Callable[..., Any]:
+    def apex_step(*args: Any, **kwargs: Any) -> Any:
+        return step(*args, **kwargs)
+
+    return apex_step
+
+
 def _native(
     props: ApexLevel,
     model: Any,
@@ -293,7 +300,7 @@ def _native(
     if (
         not wraps
     ):  # O0, O3: nothing to do inside the step, but never return the step itself
-        wraps.append(handler_wrapper(Handler()))
+        wraps.append(_passthrough)
 
     def wrap(step: Callable[..., Any]) -> Callable[..., Any]:
         for w in reversed(wraps):

@@ -107,8 +107,3 @@ def patch_forward(
         return out if output_dtype is None else cast_floating(out, output_dtype)
 
     model.forward = forward
-
-
-def floating_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
-    """Name to dtype of each floating parameter of ``model``."""
-    return {n: p.dtype for n, p in model.named_parameters() if p.is_floating_point()}

@@ -129,6 +129,22 @@ class _Trial:
         }
 
 
+def _validate(api: str, make: object, transform: object, **counts: int) -> None:
+    """Eager checks shared by every check: the contract's types and positive counts."""
+    if not callable(make):
+        raise TypeError(
+            f"{api}: make must be a function make(seed) -> (step, model, optimizer), got {type(make).__name__}"
+        )
+    if not (callable(transform) or isinstance(transform, TrialPipeline)):
+        raise TypeError(
+            f"{api}: transform must be a transform or a TrialPipeline, got {type(transform).__name__}"
+        )
+    for name, value in counts.items():
+        least = 1 if name == "steps" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{api}: {name} must be an int >= {least}, got {value!r}")
+
+
 def _for_each_example(
     prop: Callable[[list[Any]], None], batches: Any, steps: int, settings: Any
 ) -> None:
@@ -214,12 +230,20 @@ def check_skips_nonfinite(
     """Non-finite gradients are skipped exactly, the scale backs off, then training resumes.
 
     At each step in ``poison_at`` the first gradient of the optimizers' parameters gets
-    ``value`` ("inf", "-inf" or "nan") after backward. Every step whose gradients are
-    non-finite (poisoned, or overflowing on their own) must return False and leave every
-    parameter and optimizer state bit for bit as it was, and the scale must back off;
-    every other step must step, and the scale follow GradScaler's growth law. After the
-    last poisoned step, ``resume_steps`` clean steps must run.
+    ``value`` ("inf", "-inf" or "nan") after backward. Every optimizer whose gradients
+    are non-finite (poisoned, or overflowing on their own) must be skipped: ``ampfn.step``
+    returns False and its parameters and state stay bit for bit as they were; every other
+    optimizer must step (GradScaler skips only the overflowing ones). The scale must back
+    off after a step with any non-finite gradient and otherwise follow GradScaler's
+    growth law. After the last poisoned step, ``resume_steps`` clean steps must run.
     """
+    _validate(
+        "check_skips_nonfinite",
+        make,
+        transform,
+        resume_steps=resume_steps,
+        **{f"poison_at[{i}]": at for i, at in enumerate(poison_at)},
+    )
     poison = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}.get(value)
     if poison is None:
         raise ValueError(
@@ -318,6 +342,8 @@ def check_matches_reference(
     both default to :func:`default_tolerance` of the pipeline's compute dtype.
     """
 
+    _validate("check_matches_reference", make, transform, steps=steps)
+
     def prop(drawn: list[Any]) -> None:
         trial, ref = _Trial(make, transform, seed), _Trial(make, None, seed)
         skipped = 0
@@ -362,6 +388,8 @@ def check_never_nonfinite(
 ) -> None:
     """No parameter (model or optimizer's) ever becomes inf or NaN, whatever the batches."""
 
+    _validate("check_never_nonfinite", make, transform, steps=steps)
+
     def prop(drawn: list[Any]) -> None:
         trial = _Trial(make, transform, seed)
         for i, batch in enumerate(drawn[:steps]):
@@ -390,6 +418,7 @@ def check_state_roundtrip(
 ) -> None:
     """``ampfn.state_dict`` saved after ``save_at`` steps and loaded into a fresh trial
     (with the model's and optimizers' own state dicts) continues identically to ``steps``."""
+    _validate("check_state_roundtrip", make, transform, save_at=save_at, steps=steps)
     if not 0 <= save_at <= steps:
         raise ValueError(
             f"check_state_roundtrip: save_at must be in [0, steps], got {save_at} of {steps}"

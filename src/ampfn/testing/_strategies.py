@@ -154,6 +154,16 @@ def batches(
     The inputs are standard-normal; ``probe=torch.float16`` draws them like
     :func:`tensors` instead, at the edges of fp16.
     """
+    if num_classes is not None and (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int)
+        or num_classes < 1
+    ):
+        raise ValueError(
+            f"batches(shape, ...): num_classes must be a positive int or None, got {num_classes!r}"
+        )
+    if not shape:
+        raise ValueError("batches(shape, ...): shape needs a batch dimension, got ()")
     x = tensors(shape, dtype, probe=probe).map(lambda t: t.to(device))
     if num_classes is None:
         return x
@@ -177,6 +187,14 @@ class LossScaleSettings(NamedTuple):
 
 def loss_scale_settings(max_interval: int = 8) -> st.SearchStrategy[LossScaleSettings]:
     """Valid ``torch.amp.GradScaler`` settings: powers of two, short growth intervals."""
+    if (
+        isinstance(max_interval, bool)
+        or not isinstance(max_interval, int)
+        or max_interval < 1
+    ):
+        raise ValueError(
+            f"loss_scale_settings(max_interval): expected a positive int, got {max_interval!r}"
+        )
     return st.builds(
         LossScaleSettings,
         init_scale=st.integers(0, 24).map(lambda k: 2.0**k),
