@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ampfn
-from ampfn._scaling import BoundedScaler
+from ampfn._devicescaling import ApexScaling, LossScale
+from ampfn._scaling import GradScalerScaling, scaling_transform
 from helpers import Batch, batches, make_step, max_param_error, mlp, params_equal, twin
 
 
@@ -265,23 +266,40 @@ def apex_law(
     lo=st.sampled_from([None, 0.0, 2.0**12, 2.0**15]),
     hi=st.sampled_from([2.0**14, 2.0**16, 2.0**17, 2.0**24]),
 )
+@pytest.mark.parametrize("law", ["GradScaler + bounds", "Apex's LossScale"])
 def test_law_dynamic_scale_follows_apex(
-    events: list[bool], window: int, lo: float | None, hi: float
+    law: str, events: list[bool], window: int, lo: float | None, hi: float
 ) -> None:
     if lo is not None and lo > hi:
         lo = hi
-    scaler = BoundedScaler("cpu", "dynamic", lo, hi, window=window)
     w = nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([w], lr=0.0)
+    init = min(2.0**16, hi)
+    if (
+        law == "GradScaler + bounds"
+    ):  # one loss: with_apex's GradScaler with Apex's bounds
+        state: Any = GradScalerScaling(
+            "with_apex",
+            torch.amp.GradScaler("cpu", init_scale=init, growth_interval=window),
+            bounds=(lo, hi),
+        )
+    else:  # several losses, fp16 gradients: Apex's own per-loss scaler
+        scale = LossScale(
+            init, dynamic=True, lo=lo, hi=hi, window=window, device=torch.device("cpu")
+        )
+        state = ApexScaling("with_apex", [scale], (opt,), sync_ranks=False)
+
+    @scaling_transform("with_apex", state)
+    def train_step(overflow: bool) -> None:
+        # the overflow happens in the backward, where Apex's scaler looks for it
+        ampfn.backward(w.sum() * (float("inf") if overflow else 1.0))
+        ampfn.step(opt)
+        opt.zero_grad()
+
     scales = []
     for overflow in events:
-        scaler.scale(w.sum()).backward()
-        if overflow:
-            w.grad[0] = float("inf")  # type: ignore[index]
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad()
-        scales.append(scaler.get_scale())
+        train_step(overflow)
+        scales.append(state.loss_scale())
     assert scales == apex_law(events, 2.0**16, window, lo, hi)
 
 

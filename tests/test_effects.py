@@ -1,4 +1,5 @@
-"""The effects: plain PyTorch without transforms, a handler stack per call and thread."""
+"""The effects: plain PyTorch without transforms, one active plan per call and thread,
+users' handlers as middleware, clear errors for what is not an optimizer."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ampfn
-from ampfn._effects import HANDLERS, Handler, handler_wrapper
+from ampfn._effects import active
 from helpers import batches, make_step, mlp, params_equal
 
 
@@ -22,7 +24,7 @@ def test_effects_without_transforms_equal_plain_torch() -> None:
     for x, y in batches(5):
         _, stepped = step((x, y))
         assert stepped is True
-        loss = torch.nn.functional.cross_entropy(ref(x).float(), y)
+        loss = F.cross_entropy(ref(x).float(), y)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
         ref_opt.step()
@@ -32,41 +34,146 @@ def test_effects_without_transforms_equal_plain_torch() -> None:
     ampfn.unscale_(opt)  # a no-op outside transforms
 
 
-def test_effects_validate_loss_type() -> None:
+def test_grad_without_transforms_is_autograd_grad() -> None:
+    w = torch.randn(3, requires_grad=True)
+    x = torch.randn(3)
+    ours = ampfn.grad((w * x).pow(2).sum(), [w], create_graph=True)
+    (ref,) = torch.autograd.grad((w * x).pow(2).sum(), [w], create_graph=True)
+    assert torch.equal(ours[0], ref)
+    assert ours[0].requires_grad
+
+
+def test_step_passes_arguments_to_the_optimizer() -> None:
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.5)
+    calls: list[int] = []
+
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        opt.zero_grad()
+        loss = (w * 2).sum()
+        loss.backward()
+        return loss
+
+    assert ampfn.step(opt, closure) is True
+    assert calls == [1]
+    assert torch.equal(w.detach(), torch.zeros(2))
+
+
+def test_effects_validate_loss_and_optimizer_types() -> None:
     with pytest.raises(
         TypeError, match=r"ampfn.backward\(loss\): expected a torch.Tensor, got float"
     ):
         ampfn.backward(1.0)  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError,
+        match=r"ampfn.step\(optimizer\): expected a torch.optim.Optimizer .*got int 3",
+    ):
+        ampfn.step(3)
+    with pytest.raises(
+        TypeError,
+        match=r"ampfn.unscale_\(optimizer\): expected a torch.optim.Optimizer",
+    ):
+        ampfn.unscale_("opt")
+    w = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(
+        TypeError,
+        match=r"ampfn.clip_grad_norm_\(parameters, max_norm, optimizer\): expected a torch.optim.Optimizer .*got str",
+    ):
+        ampfn.clip_grad_norm_([w], 1.0, "opt")
+    with pytest.raises(
+        ValueError,
+        match=r"ampfn.backward\(loss, loss_id\): loss_id must be an int >= 0, got -1",
+    ):
+        ampfn.backward(w.sum(), loss_id=-1)
 
 
-def test_handlers_exist_only_while_the_step_runs_even_on_error() -> None:
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda: ampfn.with_autocast("bf16", "cpu"),
+        lambda: ampfn.with_grad_scaling(),
+        lambda: ampfn.with_apex("O1", backend="native"),
+    ],
+    ids=["autocast", "scaling", "apex-O1"],
+)
+def test_effects_validate_optimizer_types_inside_transforms(
+    transform: Callable[[], Any],
+) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def bad_step(bad: object) -> None:
+        ampfn.backward(model(batches(1)[0][0]).sum())
+        ampfn.clip_grad_norm_(model.parameters(), 1.0, bad)
+
+    def bad_clip_then_step(bad: object) -> None:
+        ampfn.backward(model(batches(1)[0][0]).sum())
+        ampfn.step(bad)
+
+    with pytest.raises(
+        TypeError,
+        match=r"ampfn.clip_grad_norm_\(parameters, max_norm, optimizer\): .*got str",
+    ):
+        transform()(bad_step)("opt")
+    with pytest.raises(TypeError, match=r"ampfn.step\(optimizer\): .*got int 3"):
+        transform()(bad_clip_then_step)(3)
+    for p in model.parameters():
+        assert p.grad is None or torch.equal(p, p)  # nothing stepped
+    del opt
+
+
+def test_optimizer_like_wrappers_are_accepted() -> None:
+    class Larc:  # an optimizer-like wrapper: param_groups, state and step, as Apex's LARC
+        def __init__(self, inner: torch.optim.Optimizer) -> None:
+            self.optim = inner
+
+        @property
+        def param_groups(self) -> list[dict[str, Any]]:
+            return self.optim.param_groups
+
+        @property
+        def state(self) -> Any:
+            return self.optim.state
+
+        def step(self) -> None:
+            self.optim.step()
+
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = Larc(torch.optim.SGD([w], lr=0.5))
+    ampfn.backward(w.sum())
+    assert ampfn.step(opt) is True
+    assert torch.equal(w.detach(), torch.full((2,), 0.5))
+
+
+def test_the_plan_exists_only_while_the_step_runs_even_on_error() -> None:
     seen = []
 
     @ampfn.compose(ampfn.with_grad_scaling(), ampfn.with_autocast("bf16", "cpu"))
     def failing(batch: int) -> None:
-        seen.append((len(HANDLERS.get()), torch.is_autocast_enabled("cpu")))
+        seen.append((active() is not None, torch.is_autocast_enabled("cpu")))
         raise KeyError(batch)
 
     with pytest.raises(KeyError):
         failing(1)
-    assert seen == [(2, True)]
-    assert HANDLERS.get() == ()
+    assert seen == [(True, True)]
+    assert active() is None
     assert not torch.is_autocast_enabled("cpu")
 
 
-def test_handlers_are_per_thread() -> None:
+def test_plans_are_per_thread() -> None:
     barrier = threading.Barrier(2)
-    depths: dict[str, int] = {}
+    seen: dict[str, bool] = {}
 
     @ampfn.with_autocast("bf16", "cpu")
     def wrapped(name: str) -> None:
         barrier.wait()
-        depths[name] = len(HANDLERS.get())
+        seen[name] = active() is not None
         barrier.wait()
 
     def plain(name: str) -> None:
         barrier.wait()
-        depths[name] = len(HANDLERS.get())
+        seen[name] = active() is not None
         barrier.wait()
 
     threads = [
@@ -77,32 +184,92 @@ def test_handlers_are_per_thread() -> None:
         t.start()
     for t in threads:
         t.join()
-    assert depths == {"a": 1, "b": 0}
+    assert seen == {"a": True, "b": False}
 
 
-def test_handlers_chain_from_outermost_to_innermost() -> None:
-    log: list[str] = []
-
-    class Logging(ampfn.Transform):
-        def __init__(self, name: str) -> None:
-            handler = _LogHandler(name, log)
-
-            super().__init__(name, handler_wrapper(handler))
-
-    w = torch.ones(1, requires_grad=True)
-    ampfn.compose(Logging("outer"), Logging("inner"))(lambda: ampfn.backward(w.sum()))()
-    assert log == ["outer", "inner"]
-    assert w.grad is not None
-
-
-class _LogHandler(Handler):
-    __slots__ = ("log", "name")
-
+class _Log(ampfn.Handler):
     def __init__(self, name: str, log: list[str]) -> None:
         self.name, self.log = name, log
 
     def backward(
         self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
     ) -> None:
-        self.log.append(self.name)
+        self.log.append(f"{self.name}:{loss.item():g}")
         proceed(loss, kwargs)
+        self.log.append(f"{self.name}:done")
+
+
+def test_handlers_run_outermost_first_around_the_builtin_effects() -> None:
+    log: list[str] = []
+    w = torch.ones(1, requires_grad=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    step = ampfn.compose(
+        ampfn.with_handler(_Log("outer", log)),
+        ampfn.with_grad_scaling(scaler),
+        ampfn.with_handler(_Log("inner", log)),
+    )(lambda: ampfn.backward(w.sum()))
+    step()
+    # handlers see the loss before scaling, wherever they sit; scaling ran once, innermost
+    assert log == ["outer:1", "inner:1", "inner:done", "outer:done"]
+    assert torch.equal(w.grad, torch.tensor([8.0]))  # type: ignore[arg-type]
+
+
+def test_handlers_keep_working_through_a_users_own_wrapper() -> None:
+    log: list[str] = []
+    w = torch.ones(1, requires_grad=True)
+
+    def my_transform(step: Callable[[], None]) -> Callable[[], None]:
+        def wrapped() -> None:
+            log.append("mine")
+            step()
+
+        return wrapped
+
+    step = ampfn.compose(
+        ampfn.with_handler(_Log("outer", log)),
+        my_transform,
+        ampfn.with_autocast("bf16", "cpu"),
+    )(lambda: ampfn.backward(w.sum()))
+    step()
+    assert log == ["mine", "outer:1", "outer:done"]
+
+
+def test_with_handler_validates() -> None:
+    with pytest.raises(
+        TypeError, match=r"with_handler\(handler\): expected an ampfn.Handler, got int"
+    ):
+        ampfn.with_handler(3)  # type: ignore[arg-type]
+
+
+def test_a_handler_with_state_is_checkpointed() -> None:
+    class Counter(ampfn.Handler):
+        def __init__(self) -> None:
+            self.n = 0
+
+        def backward(
+            self,
+            proceed: Callable[..., None],
+            loss: torch.Tensor,
+            kwargs: dict[str, Any],
+        ) -> None:
+            self.n += 1
+            proceed(loss, kwargs)
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"n": self.n}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            self.n = state["n"]
+
+    w = torch.ones(1, requires_grad=True)
+    first = ampfn.with_handler(Counter(), name="counter")(
+        lambda: ampfn.backward(w.sum())
+    )
+    first()
+    first()
+    saved = ampfn.state_dict(first)
+    assert saved == {"transforms": [{"name": "counter", "state": {"n": 2}}]}
+    second_counter = Counter()
+    second = ampfn.with_handler(second_counter, name="counter")(lambda: None)
+    ampfn.load_state_dict(second, saved)
+    assert second_counter.n == 2

@@ -17,7 +17,7 @@ from torch import nn
 import ampfn
 from ampfn import testing
 from ampfn._core import Transform
-from ampfn._effects import Handler, handler_wrapper
+from ampfn._effects import Handler
 
 PIPELINES = testing.available_pipelines("cpu")
 SKIPPING = testing.available_pipelines("cpu", skipping=True)
@@ -211,23 +211,31 @@ def test_checks_accept_a_plain_transform_inside_a_users_given() -> None:
 # --------------------------------------------------------------------------- checks catch broken transforms
 
 
-class _StepsAnyway(Handler):
-    """Broken: steps the optimizer itself, bypassing the scaler's skip."""
+class _ReportsTrue(Handler):
+    """Broken: says every step was taken, skipped or not."""
 
-    __slots__ = ()
-
-    def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
-        optimizer.step()
+    def step(
+        self,
+        proceed: Callable[..., Any],
+        optimizer: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> bool:
+        proceed(optimizer, args, kwargs)
         return True
 
 
 class _Perturbs(Handler):
     """Broken: nudges every parameter after each step."""
 
-    __slots__ = ()
-
-    def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
-        result = proceed(optimizer)
+    def step(
+        self,
+        proceed: Callable[..., Any],
+        optimizer: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        result = proceed(optimizer, args, kwargs)
         with torch.no_grad():
             for g in optimizer.param_groups:
                 for p in g["params"]:
@@ -252,7 +260,7 @@ def _broken(handler: Handler) -> testing.TrialPipeline:
     return testing.TrialPipeline(
         "broken",
         lambda m, o: ampfn.compose(
-            Transform("broken", handler_wrapper(handler)),
+            ampfn.with_handler(handler, name="broken"),
             ampfn.with_grad_scaling(
                 torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
             ),
@@ -265,7 +273,7 @@ def test_check_skips_nonfinite_catches_a_pipeline_that_steps_on_inf() -> None:
         AssertionError,
         match=r"step 1: optimizer 0's gradients were poisoned \(non-finite\) but ampfn.step returned True",
     ):
-        testing.check_skips_nonfinite(make, _broken(_StepsAnyway()), fixed())
+        testing.check_skips_nonfinite(make, _broken(_ReportsTrue()), fixed())
 
 
 def test_check_skips_nonfinite_catches_a_pipeline_without_a_scaler() -> None:
@@ -296,7 +304,10 @@ def test_check_state_roundtrip_catches_a_transform_that_loses_its_scale() -> Non
             torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
         )
         return Transform(
-            "lossy", real._wrap, tags=("loss_scaling",), state=_Forgetful(real.state)
+            "lossy",
+            fragment=real.fragment,
+            tags=("loss_scaling",),
+            state=_Forgetful(real.state),
         )
 
     with pytest.raises(

@@ -8,28 +8,32 @@ hypothesis; the transforms that need them import them when built.
 
 from ampfn._apex import with_apex
 from ampfn._autocast import FP32Island, fp32, with_autocast
-from ampfn._core import Pipeline, Transform, compose
-from ampfn._effects import backward, clip_grad_norm_, step, unscale_
+from ampfn._core import Pipeline, Transform, compose, with_handler
+from ampfn._effects import Handler, backward, clip_grad_norm_, grad, step, unscale_
 from ampfn._scaling import with_grad_scaling
-from ampfn._state import load_state_dict, state_dict
+from ampfn._state import load_state_dict, loss_scale, state_dict
 from ampfn._xla import with_xla_bf16
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FP32Island",
+    "Handler",
     "Pipeline",
     "Transform",
     "backward",
     "clip_grad_norm_",
     "compose",
     "fp32",
+    "grad",
     "load_state_dict",
+    "loss_scale",
     "state_dict",
     "step",
     "unscale_",
     "with_apex",
     "with_autocast",
     "with_grad_scaling",
+    "with_handler",
     "with_xla_bf16",
 ]

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ampfn._autocast import autocast_transform, check_autocast, default_device_type
-from ampfn._core import Stateful, Transform, compute_tag
-from ampfn._effects import Handler, Params, handler_wrapper
-from ampfn._modules import cast_module, castable_parameters, patch_forward
-from ampfn._scaling import BoundedScaler, scaling_transform
+from ampfn._autocast import check_autocast, default_device_type
+from ampfn._core import Stateful, Transform, compute_tag, factory
+from ampfn._devicescaling import ApexScaling, LossScale
+from ampfn._effects import is_optimizer
+from ampfn._masters import MasterWeights
+from ampfn._modules import (
+    cast_module,
+    castable_parameters,
+    fp32_checkpoints,
+    patch_forward,
+)
+from ampfn._plan import Fragment
+from ampfn._scaling import GradScalerScaling, resolve_sync_ranks
 
 LEVELS = ("O0", "O1", "O2", "O3")
 _BACKENDS = ("auto", "native", "apex")
@@ -121,126 +128,63 @@ def _check_scale_bounds(
     return lo, hi
 
 
-def _check_model(model: object, optimizer: object, props: ApexLevel) -> str:
-    """Check what the level needs of ``model`` and ``optimizer``; return the device type."""
-    if model is not None and not isinstance(model, nn.Module):
-        raise TypeError(
-            f"{_API}: model must be an nn.Module, got {type(model).__name__}"
-        )
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"{_API}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
+def _as_list(obj: Any) -> list[Any]:
+    if obj is None:
+        return []
+    return list(obj) if isinstance(obj, (list, tuple)) else [obj]
+
+
+def _check_models(
+    model: object, optimizer: object, props: ApexLevel, num_losses: object
+) -> tuple[list[nn.Module], list[Any], str]:
+    """Check what the level needs of the models and optimizers; return them as lists and
+    the device type."""
+    models, optimizers = _as_list(model), _as_list(optimizer)
+    for m in models:
+        if not isinstance(m, nn.Module):
+            raise TypeError(
+                f"{_API}: model must be an nn.Module or a list of them, got {type(m).__name__}"
+            )
+    for o in optimizers:
+        if not is_optimizer(o):
+            raise TypeError(
+                f"{_API}: optimizer must be a torch.optim.Optimizer (or an object with param_groups, "
+                f"state and step, such as a LARC wrapper), or a list of them, got {type(o).__name__}"
+            )
+    if (
+        isinstance(num_losses, bool)
+        or not isinstance(num_losses, int)
+        or num_losses < 1
+    ):
+        raise ValueError(f"{_API}: num_losses must be an int >= 1, got {num_losses!r}")
     changes = props.cast_model_type not in (None, torch.float32) or bool(
         props.master_weights
     )
-    if changes and (model is None or optimizer is None):
+    if changes and (not models or not optimizers):
         raise ValueError(
             f"{_API}: {props.level} casts the model and its optimizer's parameters, so it needs both: "
             f"with_apex({props.level!r}, model, optimizer)"
         )
-    if model is None:
-        return default_device_type()
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and p.dtype != torch.float32:
+    for m in models:
+        converted = getattr(m, "_ampfn_apex_level", None)
+        if converted is not None:
             raise ValueError(
-                f"{_API}: parameter {name!r} is {p.dtype}; pass the model in float32 (as Apex requires), "
-                "with_apex casts it for the level"
+                f"{_API}: this model was already converted by with_apex({converted!r}) (its weights are "
+                "fp16 and its forward casts); call with_apex once per model and reuse the transform, "
+                "or pass a fresh fp32 model"
             )
-    first = next(model.parameters(), None)
-    return first.device.type if first is not None else default_device_type()
-
-
-class MasterWeights(Handler):
-    """O2's fp32 master weights: the optimizer holds the masters, the model fp16 copies.
-
-    After each backward the model's gradients move into the masters' (in fp32, so
-    gradient accumulation sums in fp32); after each real step the masters are copied
-    into the model; clipping acts on the masters' gradients.
-    """
-
-    __slots__ = ("_by_id", "masters", "model_params", "optimizer")
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        keep_batchnorm_fp32: bool,
-    ) -> None:
-        to_cast = {
-            id(p)
-            for p in castable_parameters(model, keep_batchnorm_fp32=keep_batchnorm_fp32)
-        }
-        # Masters start from the fp32 values, before the model is cast (Apex copies the
-        # already-rounded fp16 weights; starting exact is strictly better).
-        pairs = [
-            (p, p.detach().clone().requires_grad_(True))
-            for g in optimizer.param_groups
-            for p in g["params"]
-        ]
-        pairs = [(p, m) for p, m in pairs if id(p) in to_cast]
-        swap = {id(p): m for p, m in pairs}
-        for group in optimizer.param_groups:
-            group["params"] = [swap.get(id(p), p) for p in group["params"]]
-        for p, m in pairs:
-            if p in optimizer.state:
-                optimizer.state[m] = optimizer.state.pop(p)
-        self.model_params = [p for p, _ in pairs]
-        self.masters = [m for _, m in pairs]
-        self.optimizer = optimizer
-        self._by_id = swap
-
-    def backward(
-        self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
-    ) -> None:
-        proceed(loss, kwargs)
-        for p, m in zip(self.model_params, self.masters, strict=True):
-            if p.grad is not None:
-                if m.grad is None:
-                    m.grad = p.grad.float()
-                else:
-                    m.grad.add_(p.grad)
-                p.grad = None
-
-    def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
-        stepped = proceed(optimizer)
-        if stepped and optimizer is self.optimizer:
-            self.copy_to_model()
-        return stepped
-
-    def clip_grad_norm_(
-        self,
-        proceed: Callable[..., torch.Tensor],
-        parameters: Params,
-        max_norm: float,
-        optimizer: Any,
-        norm_type: float,
-    ) -> torch.Tensor:
-        params = (
-            [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-        )
-        return proceed(
-            [self._by_id.get(id(p), p) for p in params], max_norm, optimizer, norm_type
-        )
-
-    @torch.no_grad()
-    def copy_to_model(self) -> None:
-        if self.masters:
-            torch._foreach_copy_(self.model_params, self.masters)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"masters": [m.detach().clone() for m in self.masters]}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any], /) -> None:
-        saved = state["masters"]
-        if len(saved) != len(self.masters):
-            raise ValueError(
-                f"ampfn.load_state_dict: {len(saved)} saved master weights, the pipeline has {len(self.masters)}"
-            )
-        for m, s in zip(self.masters, saved, strict=True):
-            m.copy_(s)
-        self.copy_to_model()
+        for name, p in m.named_parameters():
+            if p.is_floating_point() and p.dtype != torch.float32:
+                raise ValueError(
+                    f"{_API}: parameter {name!r} is {p.dtype}; pass the model in float32 (as Apex "
+                    "requires), with_apex casts it for the level"
+                )
+    first = next((p for m in models for p in m.parameters()), None)
+    return (
+        models,
+        optimizers,
+        first.device.type if first is not None else default_device_type(),
+    )
 
 
 class _ApexState:
@@ -259,57 +203,89 @@ class _ApexState:
             part.load_state_dict(state[name])
 
 
-def _passthrough(step: Callable[..., Any]) -> Callable[..., Any]:
-    def apex_step(*args: Any, **kwargs: Any) -> Any:
-        return step(*args, **kwargs)
-
-    return apex_step
+def _scaling(
+    props: ApexLevel,
+    optimizers: list[Any],
+    device_type: str,
+    bounds: tuple[float | None, float],
+    num_losses: int,
+    sync_ranks: bool | None,
+) -> Any:
+    """Apex's loss scaling for this level: a GradScaler with Apex's settings and bounds
+    where one does (one loss, fp32 gradients), Apex's own per-loss scaler elsewhere."""
+    lo, hi = bounds
+    fp16_grads = props.cast_model_type == torch.float16 and not props.master_weights
+    dynamic = props.loss_scale == "dynamic"
+    if not dynamic and float(props.loss_scale) == 1.0:
+        return None
+    if dynamic and num_losses == 1 and not fp16_grads:
+        scaler = torch.amp.GradScaler(
+            device_type, init_scale=min(2.0**16, hi), growth_interval=2000
+        )
+        return GradScalerScaling(
+            "with_apex",
+            scaler,
+            together=tuple(optimizers),
+            bounds=(lo, hi),
+            sync_ranks=sync_ranks,
+        )
+    if not optimizers:
+        raise ValueError(
+            f"{_API}: with num_losses > 1, fp16 gradients or a static loss scale, with_apex unscales "
+            "each backward as Apex does, so it needs the optimizers: with_apex(level, model, optimizer)"
+        )
+    init = min(2.0**16, hi) if dynamic else float(props.loss_scale)
+    device = next(
+        p.device for o in optimizers for g in o.param_groups for p in g["params"]
+    )
+    scales = [
+        LossScale(init, dynamic=dynamic, lo=lo, hi=hi, window=2000, device=device)
+        for _ in range(num_losses)
+    ]
+    return ApexScaling("with_apex", scales, tuple(optimizers), sync_ranks=sync_ranks)
 
 
 def _native(
     props: ApexLevel,
-    model: Any,
-    optimizer: Any,
+    models: list[nn.Module],
+    optimizers: list[Any],
     device_type: str,
     bounds: tuple[float | None, float],
+    num_losses: int,
+    sync_ranks: bool | None,
 ) -> Transform:
-    wraps: list[
-        Callable[[Callable[..., Any]], Callable[..., Any]]
-    ] = []  # outermost first
     parts: dict[str, Stateful] = {}
     half = props.cast_model_type == torch.float16
+    keep_bn = bool(props.keep_batchnorm_fp32)
+    masters = None
     if props.master_weights and half:
-        masters = MasterWeights(
-            model, optimizer, keep_batchnorm_fp32=bool(props.keep_batchnorm_fp32)
-        )
-        wraps.append(handler_wrapper(masters))
+        to_master = [
+            p
+            for m in models
+            for p in castable_parameters(m, keep_batchnorm_fp32=keep_bn)
+        ]
+        masters = MasterWeights(to_master, optimizers)
         parts["master_weights"] = masters
     if half:
-        cast_module(
-            model, torch.float16, keep_batchnorm_fp32=bool(props.keep_batchnorm_fp32)
-        )
-        patch_forward(model, torch.float16, torch.float32)
-    scaler = BoundedScaler(device_type, props.loss_scale, *bounds)
-    if scaler.is_enabled():
-        scaling = scaling_transform("with_apex", scaler)
-        wraps.append(scaling)
-        assert scaling.state is not None
-        parts["loss_scaler"] = scaling.state
-    if props.autocast:
-        wraps.append(autocast_transform("with_apex", device_type, torch.float16, None))
-    if (
-        not wraps
-    ):  # O0, O3: nothing to do inside the step, but never return the step itself
-        wraps.append(_passthrough)
-
-    def wrap(step: Callable[..., Any]) -> Callable[..., Any]:
-        for w in reversed(wraps):
-            step = w(step)
-        return step
-
+        for m in models:
+            cast_module(m, torch.float16, keep_batchnorm_fp32=keep_bn)
+            patch_forward(m, torch.float16, torch.float32)
+            fp32_checkpoints(m, masters.named(m) if masters is not None else {})
+            m._ampfn_apex_level = props.level  # type: ignore[assignment]
+    scaling = _scaling(props, optimizers, device_type, bounds, num_losses, sync_ranks)
+    if scaling is not None:
+        parts["loss_scaler"] = scaling
+    fragment = Fragment(
+        "with_apex",
+        autocast=(device_type, torch.float16, {}) if props.autocast else None,
+        autocast_off=device_type if props.autocast else None,
+        scaling=scaling,
+        masters=masters,
+        end=scaling.finish if scaling is not None else None,
+    )
     return Transform(
         "with_apex",
-        wrap,
+        fragment=fragment,
         tags=(
             "loss_scaling",
             compute_tag(torch.float16 if half or props.autocast else torch.float32),
@@ -318,10 +294,11 @@ def _native(
     )
 
 
+@factory()
 def with_apex(
     level: str,
-    model: nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    model: nn.Module | list[nn.Module] | None = None,
+    optimizer: Any = None,
     *,
     backend: str = "auto",
     loss_scale: float | str | None = None,
@@ -329,6 +306,8 @@ def with_apex(
     master_weights: bool | None = None,
     min_loss_scale: float | None = None,
     max_loss_scale: float = 2.0**24,
+    num_losses: int = 1,
+    sync_ranks: bool | None = None,
 ) -> Transform:
     """NVIDIA Apex AMP's opt levels as one transform.
 
@@ -341,31 +320,46 @@ def with_apex(
     O3           fp16 (batch norm too)        fp16                  no             1.0
     ============ ============================ ===================== ============== ===============
 
-    O2 and O3 change ``model`` and ``optimizer`` once, here: the model's parameters and
-    buffers are cast in place (batch norm kept fp32 when ``keep_batchnorm_fp32``), its
-    ``forward`` casts floating inputs to fp16 and outputs to fp32, and with master weights
-    the optimizer's ``param_groups`` hold fp32 masters instead of the model's parameters.
-    Keep using your own ``model`` and ``optimizer`` objects. Dynamic loss scaling follows
-    Apex: start at 2**16, halve on overflow (not below ``min_loss_scale``), double after
-    2000 clean steps (not above ``max_loss_scale``); a static ``loss_scale`` never skips.
-    ``with_apex`` owns loss scaling at every level: compose it with no other scaler
-    (set ``loss_scale`` instead).
+    O2 and O3 change the models and optimizers once, here: parameters and buffers are
+    cast in place (batch norm kept fp32 when ``keep_batchnorm_fp32``), ``forward`` casts
+    floating inputs to fp16 and outputs to fp32, ``model.state_dict()`` returns fp32
+    tensors (the masters' values at O2) and ``load_state_dict`` takes fp32 or fp16, and
+    with master weights the optimizers' ``param_groups`` hold fp32 masters instead of the
+    model's parameters. Keep using your own model and optimizer objects. Dynamic loss
+    scaling follows Apex: start at ``min(2**16, max_loss_scale)``, halve on overflow (not
+    below ``min_loss_scale``), double after 2000 clean steps (not above
+    ``max_loss_scale``); a static ``loss_scale`` never skips. An overflow skips the step
+    of every optimizer given here (Apex's rule), where ``with_grad_scaling`` skips only
+    the optimizer whose gradients overflowed (GradScaler's). ``with_apex`` owns loss
+    scaling at every level: compose it with no other scaler (set ``loss_scale`` instead).
+
+    With ``num_losses=N`` each loss has its own dynamic scaler: call
+    ``ampfn.backward(loss, loss_id=i)``. As in Apex, each backward is then unscaled with
+    its own loss's scale when it finishes, and that scale updates; an overflow backs off
+    only that loss's scale and skips every optimizer's step. With one loss (fp32
+    gradients) the scaler is a ``torch.amp.GradScaler``, updated once per step.
 
     Args:
         level: "O0", "O1", "O2" or "O3" (lower case accepted).
-        model: the fp32 model; needed by O2 and O3, used by O0/O1 for the device type.
-        optimizer: the model's optimizer; needed by O2 and O3.
+        model: the fp32 model, or a list of them (as ``amp.initialize``); needed by O2
+            and O3, used by O0/O1 for the device type.
+        optimizer: the models' optimizer or a list of them (optimizer-like wrappers such
+            as LARC too); needed by O2 and O3 and by ``num_losses > 1``.
         backend: "native" (ampfn's implementation, any device), "apex" (``apex.amp``,
             CUDA), or "auto": apex when ``apex.amp`` imports and CUDA is present.
         loss_scale, keep_batchnorm_fp32, master_weights: Apex's overrides.
         min_loss_scale, max_loss_scale: the dynamic scale's floor and ceiling.
+        num_losses: how many losses, each with its own loss scaler.
+        sync_ranks: agree on skips across ``torch.distributed`` ranks (as in
+            :func:`with_grad_scaling`).
 
     Returns:
         A stateful transform; ``ampfn.state_dict`` holds the loss scaler and the masters.
 
     Raises:
         TypeError, ValueError: a bad level, backend, override or model (the message
-            says which); O2/O3 without model and optimizer; overrides Apex forbids.
+            says which); O2/O3 without model and optimizer; overrides Apex forbids; a
+            model already converted by ``with_apex``.
         ImportError: ``backend="apex"`` without NVIDIA Apex.
 
     Example:
@@ -375,6 +369,8 @@ def with_apex(
         >>> t = ampfn.with_apex("O2", model, opt, backend="native")
         >>> model.weight.dtype, opt.param_groups[0]["params"][0].dtype
         (torch.float16, torch.float32)
+        >>> model.state_dict()["weight"].dtype
+        torch.float32
     """
     props = resolve_level(level, loss_scale, keep_batchnorm_fp32, master_weights)
     if backend not in _BACKENDS:
@@ -382,12 +378,25 @@ def with_apex(
             f"{_API}: backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}"
         )
     bounds = _check_scale_bounds(min_loss_scale, max_loss_scale)
-    device_type = _check_model(model, optimizer, props)
+    models, optimizers, device_type = _check_models(model, optimizer, props, num_losses)
+    sync_ranks = resolve_sync_ranks(sync_ranks, _API)
     if props.autocast:
         check_autocast(device_type, torch.float16, _API)
     from ampfn._apex_backend import apex_amp, apex_transform
 
     amp = apex_amp(backend)
     if amp is not None:
-        return apex_transform(amp, props, model, optimizer, bounds)
-    return _native(props, model, optimizer, device_type, bounds)
+        return apex_transform(
+            amp,
+            props.level,
+            models,
+            optimizers,
+            num_losses=num_losses,
+            keep_batchnorm_fp32=props.keep_batchnorm_fp32,
+            master_weights=props.master_weights,
+            loss_scale=props.loss_scale,
+            bounds=bounds,
+        )
+    return _native(
+        props, models, optimizers, device_type, bounds, num_losses, sync_ranks
+    )

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ampfn._core import Transform, compute_tag
-from ampfn._effects import Handler, Params, handler_wrapper
-
-if TYPE_CHECKING:
-    from ampfn._apex import ApexLevel
+from ampfn._effects import Handler, Params
 
 _HINT = (
     "NVIDIA Apex is not on PyPI (the 'apex' package there is an unrelated project): build it from "
@@ -44,24 +41,29 @@ def apex_amp(backend: str) -> ModuleType | None:
 class ApexAmp(Handler):
     """The effects through ``apex.amp``: ``scale_loss`` at backward, Apex's own skip."""
 
-    __slots__ = ("amp", "optimizer")
-
-    def __init__(self, amp: ModuleType, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, amp: ModuleType, optimizers: list[Any]) -> None:
         self.amp = amp
-        self.optimizer = optimizer
+        self.optimizers = optimizers[0] if len(optimizers) == 1 else optimizers
 
     def backward(
         self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
     ) -> None:
-        with self.amp.scale_loss(loss, self.optimizer) as scaled:
+        loss_id = kwargs.pop("loss_id", 0)
+        with self.amp.scale_loss(loss, self.optimizers, loss_id=loss_id) as scaled:
             proceed(scaled, kwargs)
 
-    def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
+    def step(
+        self,
+        proceed: Callable[..., Any],
+        optimizer: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> bool:
         # After an overflow Apex swaps optimizer.step for a one-shot skip_step.
         skipped = bool(
             getattr(getattr(optimizer, "_amp_stash", None), "already_patched", False)
         )
-        optimizer.step()
+        optimizer.step(*args, **kwargs)
         return not skipped
 
     def clip_grad_norm_(
@@ -70,11 +72,11 @@ class ApexAmp(Handler):
         parameters: Params,
         max_norm: float,
         optimizer: Any,
-        norm_type: float,
+        kwargs: dict[str, Any],
     ) -> torch.Tensor:
         # apex.amp unscales when scale_loss exits; clip the master gradients, as Apex's docs do.
         return proceed(
-            list(self.amp.master_params(optimizer)), max_norm, optimizer, norm_type
+            list(self.amp.master_params(optimizer)), max_norm, optimizer, kwargs
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -86,33 +88,39 @@ class ApexAmp(Handler):
 
 def apex_transform(
     amp: ModuleType,
-    props: ApexLevel,
-    model: Any,
-    optimizer: Any,
+    level: str,
+    models: list[Any],
+    optimizers: list[Any],
+    *,
+    num_losses: int,
+    keep_batchnorm_fp32: bool | None,
+    master_weights: bool | None,
+    loss_scale: float | str,
     bounds: tuple[float | None, float],
 ) -> Transform:
-    if model is None or optimizer is None:
+    if not models or not optimizers:
         raise ValueError(
             "with_apex(level, backend='apex'): apex.amp.initialize needs both: with_apex(level, model, optimizer)"
         )
     amp.initialize(
-        model,
-        optimizer,
-        opt_level=props.level,
-        keep_batchnorm_fp32=props.keep_batchnorm_fp32,
-        master_weights=props.master_weights,
-        loss_scale=props.loss_scale,
+        models,
+        optimizers,
+        opt_level=level,
+        keep_batchnorm_fp32=keep_batchnorm_fp32,
+        master_weights=master_weights,
+        loss_scale=loss_scale,
         min_loss_scale=bounds[0],
         max_loss_scale=bounds[1],
+        num_losses=num_losses,
         verbosity=0,
     )
-    handler = ApexAmp(amp, optimizer)
+    handler = ApexAmp(amp, optimizers)
     return Transform(
         "with_apex",
-        handler_wrapper(handler),
+        handler=handler,
         tags=(
             "loss_scaling",
-            compute_tag(torch.float32 if props.level == "O0" else torch.float16),
+            compute_tag(torch.float32 if level == "O0" else torch.float16),
         ),
         state=handler,
     )

@@ -11,9 +11,9 @@ from typing import Any, TypeVar, overload
 import torch
 from torch import nn
 
-from ampfn._core import Transform, compute_tag
-from ampfn._effects import HANDLERS, Handler, Params
+from ampfn._core import Transform, compute_tag, factory
 from ampfn._modules import cast_floating, floating_devices
+from ampfn._plan import Fragment
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,69 +90,20 @@ def check_autocast(
     return device_type
 
 
-class _AutocastOff(Handler):
-    """Backward (and clipping) run with autocast off, as PyTorch advises.
-
-    Flipping the thread-local flag (restored afterwards) is what a nested
-    ``torch.autocast(enabled=False)`` does, without its construction cost.
-    """
-
-    __slots__ = ("device_type",)
-
-    def __init__(self, device_type: str) -> None:
-        self.device_type = device_type
-
-    def _off(self, proceed: Callable[..., Any], *args: Any) -> Any:
-        dev = self.device_type
-        was = torch.is_autocast_enabled(dev)
-        torch.set_autocast_enabled(dev, False)
-        try:
-            return proceed(*args)
-        finally:
-            torch.set_autocast_enabled(dev, was)
-
-    def backward(
-        self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
-    ) -> None:
-        self._off(proceed, loss, kwargs)
-
-    def clip_grad_norm_(
-        self,
-        proceed: Callable[..., torch.Tensor],
-        parameters: Params,
-        max_norm: float,
-        optimizer: Any,
-        norm_type: float,
-    ) -> torch.Tensor:
-        result: torch.Tensor = self._off(
-            proceed, parameters, max_norm, optimizer, norm_type
-        )
-        return result
-
-
-def autocast_transform(
+def autocast_fragment(
     name: str, device_type: str, dtype: torch.dtype, cache_enabled: bool | None
-) -> Transform:
-    """The transform behind ``with_autocast`` (also used by apex O1 and XLA mixed)."""
-    handler = _AutocastOff(device_type)
+) -> Fragment:
+    """The forward under ``torch.autocast``; backward, grad and clipping with autocast off
+    (PyTorch's advice). Also used by apex O1, XLA mixed and mixed policies."""
     kwargs: dict[str, Any] = (
         {} if cache_enabled is None else {"cache_enabled": cache_enabled}
     )
-
-    def wrap(step: Callable[..., Any]) -> Callable[..., Any]:
-        def autocast_step(*args: Any, **kw: Any) -> Any:
-            token = HANDLERS.set((*HANDLERS.get(), handler))
-            try:
-                with torch.autocast(device_type, dtype=dtype, **kwargs):
-                    return step(*args, **kw)
-            finally:
-                HANDLERS.reset(token)
-
-        return autocast_step
-
-    return Transform(name, wrap, tags=("autocast", compute_tag(dtype)))
+    return Fragment(
+        name, autocast=(device_type, dtype, kwargs), autocast_off=device_type
+    )
 
 
+@factory()
 def with_autocast(
     dtype: torch.dtype | str,
     device_type: str | None = None,
@@ -197,7 +148,11 @@ def with_autocast(
     dev = check_autocast(
         default_device_type() if device_type is None else device_type, half, api
     )
-    return autocast_transform("with_autocast", dev, half, cache_enabled)
+    return Transform(
+        "with_autocast",
+        fragment=autocast_fragment("with_autocast", dev, half, cache_enabled),
+        tags=("autocast", compute_tag(half)),
+    )
 
 
 # --------------------------------------------------------------------------- fp32 islands

@@ -8,10 +8,14 @@ pipeline's tags (for conflict checks) and its stateful parts (for checkpoints).
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 import torch
+
+from ampfn._effects import Handler
+from ampfn._plan import Fragment, Layer, build, can_fuse
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -75,39 +79,127 @@ class Transform:
     Calling it on a step returns a new step (the original is never modified) that keeps
     the original's ``__name__``, ``__doc__`` and ``__wrapped__``, and records the
     pipeline's tags (for conflict checks) and stateful parts (for :func:`state_dict`).
+
+    ampfn's own transforms carry a fragment (see ``ampfn._plan``): applied directly on
+    top of another ampfn transform they fuse with it into one wrapper. A transform built
+    from your own ``wrap(step) -> step`` function, or from a :class:`~ampfn.Handler`,
+    keeps working the same way as its own layer.
     """
 
-    __slots__ = ("_wrap", "name", "state", "tags")
+    __slots__ = ("_wrap", "fragment", "name", "state", "tags")
 
     def __init__(
         self,
         name: str,
-        wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
+        wrap: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
         *,
         tags: Iterable[str] = (),
         state: Stateful | None = None,
+        fragment: Fragment | None = None,
+        handler: Handler | None = None,
     ) -> None:
+        if handler is not None:
+            fragment = Fragment(name, handler=handler)
+        if (wrap is None) == (fragment is None):
+            raise TypeError(
+                f"Transform({name!r}): give exactly one of wrap, fragment or handler"
+            )
         self.name = name
         self._wrap = wrap
+        self.fragment = fragment
         self.tags: Tags = tuple((t, name) for t in tags)
         self.state = state
 
     def __call__(self, step: Callable[P, R]) -> Callable[P, R]:
+        if getattr(step, "__ampfn_factory__", False):
+            raise TypeError(
+                f"{self.name}(step): got the transform factory {factory_call(step)} as the step"
+            )
         if not callable(step):
             raise TypeError(
                 f"{self.name}(step): expected a callable step, got {type(step).__name__}"
             )
         inner_tags: Tags = getattr(step, "__ampfn_tags__", ())
         check_tags(self.tags + inner_tags)
-        wrapped = functools.update_wrapper(self._wrap(step), step)
+        layer: Layer | None = None
+        if self.fragment is not None:
+            inner: Layer | None = getattr(step, "__ampfn_layer__", None)
+            own = (self.fragment,)
+            if (
+                inner is not None
+                and inner.wrapper is step
+                and can_fuse(own, inner.fragments)
+            ):
+                wrapped, layer = build(own + inner.fragments, inner.step)
+            else:
+                wrapped, layer = build(own, step)
+        else:
+            assert self._wrap is not None
+            wrapped = self._wrap(step)
+        wrapped = functools.update_wrapper(wrapped, step)
+        wrapped.__ampfn_layer__ = layer  # type: ignore[attr-defined]
         wrapped.__ampfn_tags__ = self.tags + inner_tags  # type: ignore[attr-defined]
         inner_states: States = getattr(step, "__ampfn_states__", ())
-        own: States = ((self.name, self.state),) if self.state is not None else ()
-        wrapped.__ampfn_states__ = own + inner_states  # type: ignore[attr-defined]
+        own_state: States = ((self.name, self.state),) if self.state is not None else ()
+        wrapped.__ampfn_states__ = own_state + inner_states  # type: ignore[attr-defined]
+        inner_parts: tuple[Fragment, ...] = getattr(step, "__ampfn_parts__", ())
+        own_parts = (self.fragment,) if self.fragment is not None else ()
+        wrapped.__ampfn_parts__ = own_parts + inner_parts  # type: ignore[attr-defined]
         return cast(Callable[P, R], wrapped)
 
     def __repr__(self) -> str:
         return f"<ampfn transform {self.name}>"
+
+
+def factory_call(fn: Callable[..., Any]) -> str:
+    """How to call a factory: ``with_autocast(dtype)``, ``with_grad_scaling()``."""
+    target = inspect.unwrap(fn)
+    required = [
+        p.name
+        for p in inspect.signature(target).parameters.values()
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return f"{fn.__name__}({', '.join(required)})"
+
+
+def _is_function(obj: object) -> bool:
+    return (
+        inspect.isfunction(obj)
+        or inspect.ismethod(obj)
+        or isinstance(obj, functools.partial)
+    )
+
+
+def factory(
+    *, takes_functions: bool = False
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Mark a ``with_*`` factory, so that using it without calling it is a clear error.
+
+    ``@ampfn.with_grad_scaling`` on a step, or ``compose(ampfn.with_autocast)``, would
+    otherwise fail later with an unrelated message. A factory whose first argument may be
+    a function (a telemetry sink) sets ``takes_functions``; compose still catches it.
+    """
+
+    def mark(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def make(*args: P.args, **kwargs: P.kwargs) -> R:
+            if (
+                not takes_functions
+                and len(args) == 1
+                and not kwargs
+                and _is_function(args[0])
+            ):
+                raise TypeError(
+                    f"ampfn.{fn.__name__} is a transform factory, not a transform: call it: "
+                    f"@ampfn.{factory_call(fn)} (got the function {getattr(args[0], '__name__', args[0])!r})"
+                )
+            return fn(*args, **kwargs)
+
+        make.__ampfn_factory__ = True  # type: ignore[attr-defined]
+        return make
+
+    return mark
 
 
 class Pipeline:
@@ -151,6 +243,11 @@ def compose(
     """
     flat: list[Callable[..., Any]] = []
     for i, t in enumerate(transforms):
+        if getattr(t, "__ampfn_factory__", False):
+            raise TypeError(
+                f"compose(*transforms): the transform at position {i} is the factory "
+                f"{t.__name__}, not a transform: call it: {factory_call(t)}"
+            )
         if not callable(t):
             raise TypeError(
                 f"compose(*transforms): transform at position {i} is not callable: {t!r}"
@@ -158,3 +255,43 @@ def compose(
         flat.extend(t.transforms if isinstance(t, Pipeline) else (t,))
     check_tags(tuple(tag for t in flat if isinstance(t, Transform) for tag in t.tags))
     return Pipeline(tuple(flat))
+
+
+@factory()
+def with_handler(handler: Handler, *, name: str | None = None) -> Transform:
+    """Install your own :class:`~ampfn.Handler` while the wrapped step runs.
+
+    Args:
+        handler: the handler.
+        name: the transform's name (in conflict messages and ``ampfn.state_dict``);
+            ``with_handler(<class name>)`` by default.
+
+    Returns:
+        A transform; the handler is stateful in checkpoints when it has ``state_dict``
+        and ``load_state_dict``.
+
+    Raises:
+        TypeError: ``handler`` is not an ``ampfn.Handler``.
+
+    Example:
+        >>> import torch, ampfn
+        >>> class Log(ampfn.Handler):
+        ...     def backward(self, proceed, loss, kwargs):
+        ...         print("backward of", loss.item())
+        ...         proceed(loss, kwargs)
+        >>> w = torch.ones(1, requires_grad=True)
+        >>> ampfn.with_handler(Log())(lambda: ampfn.backward(w.sum() * 2))()
+        backward of 2.0
+    """
+    if not isinstance(handler, Handler):
+        raise TypeError(
+            f"with_handler(handler): expected an ampfn.Handler, got {type(handler).__name__}"
+        )
+    stateful = callable(getattr(handler, "state_dict", None)) and callable(
+        getattr(handler, "load_state_dict", None)
+    )
+    return Transform(
+        name or f"with_handler({type(handler).__name__})",
+        handler=handler,
+        state=cast(Stateful, handler) if stateful else None,
+    )

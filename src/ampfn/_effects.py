@@ -1,38 +1,92 @@
-"""The effects and their handler stack.
+"""The effects, and the handlers that give them meaning.
 
-Inside a wrapped step the user calls the effects (:func:`backward`, :func:`step`,
-:func:`unscale_`, :func:`clip_grad_norm_`); each transform, while its step runs, pushes
-a :class:`Handler` on a ``contextvars`` stack, and an effect runs the handlers from the
-outermost transform to the innermost, like middleware, ending in plain PyTorch.
+Inside a wrapped step the user calls the effects (:func:`backward`, :func:`grad`,
+:func:`step`, :func:`unscale_`, :func:`clip_grad_norm_`). While a pipeline's step runs,
+its :class:`~ampfn._plan.Plan` is the thread's active plan, and each effect calls the
+callable the plan resolved for it when the pipeline was built. With no plan active an
+effect is exactly the plain PyTorch call.
+
+The active plan lives on a plain ``threading.local`` instance: threads stay apart, and
+dynamo traces the attribute read (it does not trace a ``threading.local`` subclass).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable
-from contextvars import ContextVar
-from typing import Any, Union, cast
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import torch
 
+if TYPE_CHECKING:
+    from ampfn._plan import Plan
+
 Params = Union[torch.Tensor, Iterable[torch.Tensor]]  # noqa: UP007 (a runtime alias)
+
+# The active plan of this thread, as `local.plan` (absent when none is active).
+local = threading.local()
+
+
+def active() -> Plan | None:
+    """The plan of the pipeline whose step runs on this thread, or None."""
+    return getattr(local, "plan", None)
 
 
 class Handler:
-    """One transform's effect handlers; every method passes through by default.
+    """Your own effect handler: subclass it and override the effects you need.
 
-    ``proceed`` runs the rest of the chain (the inner transforms, then PyTorch).
+    A handler method receives ``proceed``, the rest of the chain, and the effect's
+    arguments; it may act before and after calling ``proceed``, change the arguments,
+    or not call it at all. Handlers run from the outermost transform to the innermost,
+    like middleware, and around ampfn's own work: the last ``proceed`` runs the
+    pipeline's built-in effects (autocast off, loss scaling, master weights, ...) as one
+    fixed sequence. So a handler sees the loss before it is scaled and the result of a
+    step after a skip. Methods it does not override cost nothing.
+
+    Install one with :func:`ampfn.with_handler`.
+
+    Example:
+        >>> import torch, ampfn
+        >>> class CountSteps(ampfn.Handler):
+        ...     def __init__(self):
+        ...         self.steps = 0
+        ...     def step(self, proceed, optimizer, args, kwargs):
+        ...         stepped = proceed(optimizer, args, kwargs)
+        ...         self.steps += bool(stepped)
+        ...         return stepped
+        >>> counter = CountSteps()
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> opt = torch.optim.SGD([w], lr=0.1)
+        >>> @ampfn.with_handler(counter)
+        ... def train_step(x):
+        ...     ampfn.backward((w * x).sum())
+        ...     return ampfn.step(opt)
+        >>> train_step(torch.ones(1)), counter.steps
+        (True, 1)
     """
-
-    __slots__ = ()
 
     def backward(
         self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
     ) -> None:
         proceed(loss, kwargs)
 
-    def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
-        return proceed(optimizer)
+    def grad(
+        self,
+        proceed: Callable[..., tuple[torch.Tensor, ...]],
+        outputs: Any,
+        inputs: Any,
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, ...]:
+        return proceed(outputs, inputs, kwargs)
+
+    def step(
+        self,
+        proceed: Callable[..., Any],
+        optimizer: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        return proceed(optimizer, args, kwargs)
 
     def unscale_(self, proceed: Callable[..., None], optimizer: Any) -> None:
         proceed(optimizer)
@@ -43,41 +97,49 @@ class Handler:
         parameters: Params,
         max_norm: float,
         optimizer: Any,
-        norm_type: float,
+        kwargs: dict[str, Any],
     ) -> torch.Tensor:
-        return proceed(parameters, max_norm, optimizer, norm_type)
+        return proceed(parameters, max_norm, optimizer, kwargs)
 
 
-HANDLERS: ContextVar[tuple[Handler, ...]] = ContextVar("ampfn.handlers", default=())
+EFFECTS = ("backward", "grad", "step", "unscale_", "clip_grad_norm_")
 
 
-def _base_backward(loss: torch.Tensor, kwargs: dict[str, Any]) -> None:
-    loss.backward(**kwargs)  # type: ignore[no-untyped-call]
+# --------------------------------------------------------------------------- validation
 
 
-def _base_step(optimizer: Any) -> bool:
-    optimizer.step()
-    return True
+def is_optimizer(obj: object) -> bool:
+    """A ``torch.optim.Optimizer``, or an optimizer-like wrapper (such as Apex's LARC):
+    an object with ``param_groups``, ``state`` and a callable ``step``."""
+    return isinstance(obj, torch.optim.Optimizer) or (
+        hasattr(obj, "param_groups")
+        and hasattr(obj, "state")
+        and callable(getattr(obj, "step", None))
+    )
 
 
-def _base_unscale(optimizer: Any) -> None:
-    return None
+def check_optimizer(obj: object, api: str) -> None:
+    if not is_optimizer(obj):
+        raise TypeError(
+            f"{api}: expected a torch.optim.Optimizer (or an object with param_groups, state "
+            f"and step), got {type(obj).__name__} {obj!r}"[:300]
+        )
 
 
-def _base_clip(
-    parameters: Params, max_norm: float, optimizer: Any, norm_type: float
-) -> torch.Tensor:
-    return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
+def _check_loss(loss: object) -> None:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"ampfn.backward(loss): expected a torch.Tensor, got {type(loss).__name__}"
+        )
 
 
-def _dispatch(
-    name: str, base: Callable[..., Any], handlers: tuple[Handler, ...], *args: Any
-) -> Any:
-    """Run effect ``name`` through ``handlers``, outermost first, ending in ``base``."""
-    proceed = base
-    for handler in reversed(handlers[1:]):
-        proceed = functools.partial(getattr(handler, name), proceed)
-    return getattr(handlers[0], name)(proceed, *args)
+def check_loss_id(loss_id: object, api: str = "ampfn.backward(loss, loss_id)") -> int:
+    if isinstance(loss_id, bool) or not isinstance(loss_id, int) or loss_id < 0:
+        raise ValueError(f"{api}: loss_id must be an int >= 0, got {loss_id!r}")
+    return loss_id
+
+
+# --------------------------------------------------------------------------- the effects
 
 
 def backward(loss: torch.Tensor, **kwargs: Any) -> None:
@@ -89,7 +151,9 @@ def backward(loss: torch.Tensor, **kwargs: Any) -> None:
 
     Args:
         loss: the scalar loss tensor.
-        **kwargs: passed to ``Tensor.backward`` (``retain_graph``, ``inputs``, ...).
+        **kwargs: passed to ``Tensor.backward`` (``retain_graph``, ``inputs``, ...), except
+            ``loss_id``: which loss this is, for ``with_apex(..., num_losses=N)`` (each loss
+            has its own scaler there; elsewhere it is checked and has no effect).
 
     Raises:
         TypeError: ``loss`` is not a tensor.
@@ -101,25 +165,65 @@ def backward(loss: torch.Tensor, **kwargs: Any) -> None:
         >>> w.grad
         tensor([3., 3.])
     """
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(
-            f"ampfn.backward(loss): expected a torch.Tensor, got {type(loss).__name__}"
-        )
-    handlers = HANDLERS.get()
-    if not handlers:
+    plan = getattr(local, "plan", None)
+    if plan is None:
+        _check_loss(loss)
+        if kwargs and "loss_id" in kwargs:
+            check_loss_id(kwargs.pop("loss_id"))
         loss.backward(**kwargs)  # type: ignore[no-untyped-call]
         return
-    _dispatch("backward", _base_backward, handlers, loss, kwargs)
+    plan.backward(loss, kwargs)
 
 
-def step(optimizer: Any) -> bool:
+def grad(
+    outputs: torch.Tensor | Sequence[torch.Tensor],
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    **kwargs: Any,
+) -> tuple[torch.Tensor, ...]:
+    """``torch.autograd.grad`` through the active transforms: true gradients under scaling.
+
+    Outside any transform this is exactly ``torch.autograd.grad(outputs, inputs,
+    **kwargs)``. Under loss scaling it differentiates the scaled outputs, so small
+    gradients survive fp16, and returns the gradients unscaled (non-finite ones stay
+    non-finite, so the step still skips); under autocast it runs with autocast off. This
+    is what gradient penalties need (PyTorch's AMP gradient-penalty recipe).
+
+    Args:
+        outputs, inputs: as for ``torch.autograd.grad``.
+        **kwargs: passed to ``torch.autograd.grad`` (``create_graph``, ...), except
+            ``loss_id`` (see :func:`backward`).
+
+    Returns:
+        The gradients of ``outputs`` with respect to ``inputs``, one per input.
+
+    Example:
+        >>> import torch, ampfn
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> ampfn.grad((w * w).sum(), w)
+        (tensor([2., 2.]),)
+    """
+    plan = getattr(local, "plan", None)
+    if plan is None:
+        if kwargs and "loss_id" in kwargs:
+            check_loss_id(kwargs.pop("loss_id"), "ampfn.grad(outputs, inputs, loss_id)")
+        return torch.autograd.grad(outputs, inputs, **kwargs)
+    return plan.grad(outputs, inputs, kwargs)  # type: ignore[no-any-return]
+
+
+def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
     """Step ``optimizer`` through the active transforms.
 
-    Outside any transform this is exactly ``optimizer.step(); True``.
+    Outside any transform this is exactly ``optimizer.step(*args, **kwargs); True``.
+    Arguments are passed on to ``optimizer.step`` (through ``scaler.step`` under loss
+    scaling, which refuses closures, as PyTorch's GradScaler does).
 
     Returns:
         True if the optimizer stepped, False if a transform skipped the step (for example
-        ``with_grad_scaling`` on inf/NaN gradients).
+        ``with_grad_scaling`` on inf/NaN gradients). In sync-free scaling
+        (``with_grad_scaling(sync=False)``) a 0-dim bool tensor on the gradients' device.
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer.
 
     Example:
         >>> import torch, ampfn
@@ -131,11 +235,13 @@ def step(optimizer: Any) -> bool:
         >>> w.data
         tensor([0.5000])
     """
-    handlers = HANDLERS.get()
-    if not handlers:
-        optimizer.step()
+    plan = getattr(local, "plan", None)
+    if plan is None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            check_optimizer(optimizer, "ampfn.step(optimizer)")
+        optimizer.step(*args, **kwargs)
         return True
-    return cast(bool, _dispatch("step", _base_step, handlers, optimizer))
+    return plan.step(optimizer, args, kwargs)
 
 
 def unscale_(optimizer: Any) -> None:
@@ -145,33 +251,48 @@ def unscale_(optimizer: Any) -> None:
     call before the optimizer steps does nothing. Use it before reading or modifying
     gradients by hand.
 
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer.
+
     Example:
         >>> import torch, ampfn
         >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
         >>> ampfn.unscale_(opt)  # no transform active: nothing to do
     """
-    handlers = HANDLERS.get()
-    if handlers:
-        _dispatch("unscale_", _base_unscale, handlers, optimizer)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        check_optimizer(optimizer, "ampfn.unscale_(optimizer)")
+    plan = getattr(local, "plan", None)
+    if plan is not None:
+        plan.unscale_(optimizer)
 
 
 def clip_grad_norm_(
-    parameters: Params, max_norm: float, optimizer: Any, norm_type: float = 2.0
+    parameters: Params,
+    max_norm: float,
+    optimizer: Any,
+    norm_type: float = 2.0,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """Clip gradients by their total norm, unscaling them first under loss scaling.
 
     Outside any transform this is ``torch.nn.utils.clip_grad_norm_``. Under
     ``with_grad_scaling`` the optimizer's gradients are unscaled first (the classic AMP
-    pitfall), so ``max_norm`` applies to the true gradients.
+    pitfall), so ``max_norm`` applies to the true gradients; with fp32 master weights
+    (``with_apex`` O2) the masters' gradients are clipped.
 
     Args:
         parameters: the tensors whose gradients are clipped.
         max_norm: the largest allowed total norm.
         optimizer: the optimizer that owns ``parameters`` (needed to unscale them).
         norm_type: the p of the p-norm.
+        **kwargs: passed to ``torch.nn.utils.clip_grad_norm_`` (``error_if_nonfinite``,
+            ``foreach``).
 
     Returns:
         The total norm of the true, unscaled gradients before clipping.
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer.
 
     Example:
         >>> import torch, ampfn
@@ -181,36 +302,15 @@ def clip_grad_norm_(
         >>> ampfn.clip_grad_norm_([w], 1.0, opt)
         tensor(4.)
     """
-    handlers = HANDLERS.get()
-    if not handlers:
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        check_optimizer(
+            optimizer, "ampfn.clip_grad_norm_(parameters, max_norm, optimizer)"
+        )
+    if norm_type != 2.0:
+        kwargs["norm_type"] = norm_type
+    plan = getattr(local, "plan", None)
+    if plan is None:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, **kwargs)
     return cast(
-        torch.Tensor,
-        _dispatch(
-            "clip_grad_norm_",
-            _base_clip,
-            handlers,
-            parameters,
-            max_norm,
-            optimizer,
-            norm_type,
-        ),
+        torch.Tensor, plan.clip_grad_norm_(parameters, max_norm, optimizer, kwargs)
     )
-
-
-def handler_wrapper(
-    handler: Handler,
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A wrapper that installs one fixed ``handler`` while the step runs."""
-
-    def wrap(step: Callable[..., Any]) -> Callable[..., Any]:
-        def handled_step(*args: Any, **kwargs: Any) -> Any:
-            token = HANDLERS.set((*HANDLERS.get(), handler))
-            try:
-                return step(*args, **kwargs)
-            finally:
-                HANDLERS.reset(token)
-
-        return handled_step
-
-    return wrap

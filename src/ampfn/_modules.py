@@ -107,3 +107,50 @@ def patch_forward(
         return out if output_dtype is None else cast_floating(out, output_dtype)
 
     model.forward = forward
+
+
+def fp32_checkpoints(model: nn.Module, masters: dict[str, torch.Tensor]) -> None:
+    """Make ``model.state_dict()`` return fp32 tensors, as Apex does at O2 and O3: the fp32
+    masters' values where ``masters`` (by parameter name) has one, other half tensors
+    upcast. ``model.load_state_dict`` keeps accepting fp32 or half tensors (the parameter
+    copy casts), and sets the masters from what it loads, so a checkpoint moves freely
+    between this model and an fp32 one."""
+    model.register_state_dict_post_hook(_SaveFp32(masters))  # type: ignore[no-untyped-call]
+    if masters:
+        model.register_load_state_dict_pre_hook(_LoadMasters(masters))  # type: ignore[no-untyped-call]
+
+
+class _SaveFp32:
+    def __init__(self, masters: dict[str, torch.Tensor]) -> None:
+        self.masters = masters
+
+    def __call__(
+        self, module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any
+    ) -> None:
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dtype in (
+                torch.float16,
+                torch.bfloat16,
+            ):
+                master = (
+                    self.masters.get(key[len(prefix) :])
+                    if key.startswith(prefix)
+                    else None
+                )
+                state[key] = (
+                    master.detach().clone() if master is not None else value.float()
+                )
+
+
+class _LoadMasters:
+    def __init__(self, masters: dict[str, torch.Tensor]) -> None:
+        self.masters = masters
+
+    @torch.no_grad()
+    def __call__(
+        self, module: nn.Module, state: dict[str, Any], prefix: str, *rest: Any
+    ) -> None:
+        for name, master in self.masters.items():
+            value = state.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.shape == master.shape:
+                master.copy_(value)

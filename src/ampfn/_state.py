@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from ampfn._core import States
+from ampfn._effects import check_loss_id
 
 
 def _states(wrapped_step: Callable[..., Any], api: str) -> States:
@@ -62,3 +63,45 @@ def load_state_dict(wrapped_step: Callable[..., Any], state: dict[str, Any]) -> 
         )
     for (_, stateful), entry in zip(states, state["transforms"], strict=True):
         stateful.load_state_dict(entry["state"])
+
+
+def _scaling(wrapped_step: Callable[..., Any], api: str) -> Any:
+    if not callable(wrapped_step):
+        raise TypeError(
+            f"{api}: expected a step wrapped by ampfn transforms, got {type(wrapped_step).__name__}"
+        )
+    parts = getattr(wrapped_step, "__ampfn_parts__", ())
+    return next((f.scaling for f in parts if f.scaling is not None), None)
+
+
+def loss_scale(wrapped_step: Callable[..., Any], loss_id: int = 0) -> float | None:
+    """The current loss scale of the scaler in ``wrapped_step``'s pipeline.
+
+    Whichever transform owns it (``with_grad_scaling``, ``with_apex``), wherever it sits
+    in the pipeline: what the next backward will multiply the loss by.
+
+    Args:
+        wrapped_step: a step wrapped by ampfn transforms.
+        loss_id: which loss, for ``with_apex(..., num_losses=N)``.
+
+    Returns:
+        The scale, or None when the pipeline has no loss scaler (1.0 at Apex O0 and O3,
+        whose scale is static 1.0).
+
+    Example:
+        >>> import torch, ampfn
+        >>> step = ampfn.with_grad_scaling(torch.amp.GradScaler("cpu", init_scale=1024.0))(lambda b: b)
+        >>> ampfn.loss_scale(step)
+        1024.0
+        >>> ampfn.loss_scale(ampfn.with_autocast("bf16", "cpu")(lambda b: b)) is None
+        True
+    """
+    api = "ampfn.loss_scale(wrapped_step, loss_id)"
+    scaling = _scaling(wrapped_step, api)
+    check_loss_id(loss_id, api)
+    if scaling is None:
+        tags = getattr(wrapped_step, "__ampfn_tags__", ())
+        if any(tag == "loss_scaling" for tag, _ in tags):
+            return 1.0  # with_apex at O0 or O3: a static scale of 1.0
+        return None
+    return float(scaling.loss_scale(loss_id))

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ampfn._autocast import autocast_transform, check_autocast
-from ampfn._core import Transform, compute_tag
-from ampfn._effects import HANDLERS, Handler
+from ampfn._autocast import check_autocast
+from ampfn._core import Transform, compute_tag, factory
 from ampfn._modules import cast_module, patch_forward
+from ampfn._plan import Fragment
 
 MODES = ("mixed", "true")
 _API = "with_xla_bf16(*, mode, model, sync)"
@@ -30,19 +30,27 @@ def _import_xla() -> tuple[ModuleType, ModuleType]:
     return torch_xla, xm
 
 
-class _XlaStep(Handler):
-    """``ampfn.step`` through ``xm.optimizer_step``, which all-reduces gradients across replicas."""
+def _optimizer_step(xm: ModuleType) -> Callable[..., None]:
+    def step_via_xm(optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        if args:
+            raise TypeError(
+                "ampfn.step(optimizer, *args): under with_xla_bf16 the step is xm.optimizer_step, "
+                "which takes keyword arguments only (passed on as optimizer_args)"
+            )
+        xm.optimizer_step(optimizer, optimizer_args=kwargs)
 
-    __slots__ = ("xm",)
-
-    def __init__(self, xm: ModuleType) -> None:
-        self.xm = xm
-
-    def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
-        self.xm.optimizer_step(optimizer)
-        return True
+    return step_via_xm
 
 
+def _cut(cut: Callable[[], None]) -> Callable[[bool], None]:
+    def end(failed: bool) -> None:
+        if not failed:
+            cut()
+
+    return end
+
+
+@factory()
 def with_xla_bf16(
     *, mode: str = "mixed", model: nn.Module | None = None, sync: bool = True
 ) -> Transform:
@@ -94,37 +102,22 @@ def with_xla_bf16(
         )
     torch_xla, xm = _import_xla()
     cut: Callable[[], None] = getattr(torch_xla, "sync", None) or xm.mark_step
-    handler = _XlaStep(xm)
-    inner: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
+    autocast: tuple[str, torch.dtype, dict[str, Any]] | None = None
     if mode == "mixed":
-        inner = autocast_transform(
-            "with_xla_bf16",
-            check_autocast("xla", torch.bfloat16, _API),
-            torch.bfloat16,
-            None,
-        )
+        autocast = (check_autocast("xla", torch.bfloat16, _API), torch.bfloat16, {})
     else:
         assert model is not None
         cast_module(model, torch.bfloat16, keep_batchnorm_fp32=False)
         patch_forward(model, torch.bfloat16, None)
-
-    def wrap(step: Callable[..., Any]) -> Callable[..., Any]:
-        run = inner(step) if inner is not None else step
-
-        def xla_step(*args: Any, **kwargs: Any) -> Any:
-            token = HANDLERS.set((*HANDLERS.get(), handler))
-            try:
-                out = run(*args, **kwargs)
-            finally:
-                HANDLERS.reset(token)
-            if sync:
-                cut()
-            return out
-
-        return xla_step
-
+    fragment = Fragment(
+        "with_xla_bf16",
+        autocast=autocast,
+        autocast_off="xla" if autocast is not None else None,
+        step_via=_optimizer_step(xm),
+        end=_cut(cut) if sync else None,
+    )
     return Transform(
         "with_xla_bf16",
-        wrap,
+        fragment=fragment,
         tags=("xla_bf16", compute_tag(torch.bfloat16)),
     )

@@ -27,7 +27,7 @@ import torch
 from hypothesis import strategies as st
 
 from ampfn._core import Transform, compute_dtype
-from ampfn._effects import Handler, handler_wrapper
+from ampfn._effects import Handler
 from ampfn._scaling import find_scaler_state
 from ampfn._state import load_state_dict, state_dict
 from ampfn.testing._strategies import TrialPipeline
@@ -42,39 +42,60 @@ class _Probe(Handler):
     backward, and each ``ampfn.step`` result as ``(optimizer index, stepped)``.
     """
 
-    __slots__ = ("index", "nonfinite", "optimizers", "poison", "results", "skip")
+    __slots__ = (
+        "armed",
+        "index",
+        "nonfinite",
+        "optimizers",
+        "poison",
+        "results",
+        "skip",
+    )
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+    def __init__(
+        self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]
+    ) -> None:
         self.optimizers = optimizers
         self.index = {id(o): i for i, o in enumerate(optimizers)}
-        self.poison: float | None = None  # inject into a gradient after backward
+        self.poison: float | None = (
+            None  # inject into a gradient during the next backward
+        )
+        self.armed = False
         self.skip = False  # reference runs: skip the step (the pipeline skipped it)
         self.nonfinite: set[int] = set()
         self.results: list[tuple[int, bool]] = []
+        # Poison inside the backward, as a real overflow happens: a scaler that checks
+        # each backward as it finishes (Apex's) sees it as well as one that checks at step.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._poison)  # type: ignore[no-untyped-call]
+
+    def _poison(self, param: torch.Tensor) -> None:
+        if self.armed and param.grad is not None:
+            self.armed = False
+            with torch.no_grad():
+                param.grad.view(-1)[0] = self.poison  # type: ignore[assignment]
 
     def backward(
         self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
     ) -> None:
+        self.armed = self.poison is not None
         proceed(loss, kwargs)
-        params = [
-            (i, p)
-            for i, o in enumerate(self.optimizers)
-            for g in o.param_groups
-            for p in g["params"]
-        ]
-        if self.poison is not None:
-            first = next((p for _, p in params if p.grad is not None), None)
-            assert first is not None, (
-                "the step's backward produced no gradient to poison"
-            )
-            assert first.grad is not None
-            first.grad.view(-1)[0] = self.poison
-        for i, p in params:
-            if p.grad is not None and not bool(p.grad.isfinite().all()):
-                self.nonfinite.add(i)
+        assert not self.armed, "the step's backward produced no gradient to poison"
+        for i, o in enumerate(self.optimizers):
+            for g in o.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None and not bool(p.grad.isfinite().all()):
+                        self.nonfinite.add(i)
 
-    def step(self, proceed: Callable[..., bool], optimizer: Any) -> bool:
-        result = False if self.skip else proceed(optimizer)
+    def step(
+        self,
+        proceed: Callable[..., Any],
+        optimizer: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        result = False if self.skip else proceed(optimizer, args, kwargs)
         self.results.append((self.index.get(id(optimizer), -1), result))
         return result
 
@@ -88,10 +109,8 @@ class _Trial:
         if isinstance(transform, TrialPipeline):
             transform = transform.build(self.model, optimizer)
         self.pipeline = transform(step) if transform is not None else step
-        self.probe = _Probe(self.optimizers)
-        self.step = Transform("ampfn.testing", handler_wrapper(self.probe))(
-            self.pipeline
-        )
+        self.probe = _Probe(self.model, self.optimizers)
+        self.step = Transform("ampfn.testing", handler=self.probe)(self.pipeline)
 
     def run(
         self, batch: Any, poison: float | None = None, skip: bool = False

@@ -1,0 +1,356 @@
+"""Plans: a pipeline's transforms resolved, once, into what each effect and each call does.
+
+Each ampfn transform contributes a :class:`Fragment`: what it does around the call
+(autocast, input and output casts, work at the end of the call) and which built-in
+effects it takes part in (autocast off, loss scaling, master weights, ...). When a step
+is wrapped, the fragments of the transforms applied directly on top of each other are
+fused into one wrapper and one :class:`Plan`, so a pipeline costs one Python frame around
+the call however many transforms it has. The plan's :class:`Engine` runs the built-in
+effects as one fixed sequence, in an order that does not depend on how the transforms
+were composed (scale, backward, move gradients to the masters; unscale, step, copy the
+masters back, run post-step work). Users' :class:`~ampfn.Handler` objects wrap that
+sequence as middleware; a chain of them is built once per plan, and an effect nobody
+overrides goes straight to the engine.
+
+Wrapped steps nest (an ampfn pipeline inside a user's own wrapper inside another): the
+inner layer then activates the union of both plans, built once per pair and cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ampfn._effects import (
+    EFFECTS,
+    Handler,
+    _check_loss,
+    check_loss_id,
+    check_optimizer,
+    local,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fragment:
+    """One transform's part of a pipeline (every field optional)."""
+
+    name: str
+    # around the call
+    autocast: tuple[str, torch.dtype, dict[str, Any]] | None = None
+    inputs: (
+        Callable[
+            [tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]
+        ]
+        | None
+    ) = None
+    outputs: Callable[[Any], Any] | None = None
+    end: Callable[[bool], None] | None = (
+        None  # called with `failed` at the end of each call
+    )
+    # the built-in effects
+    autocast_off: str | None = (
+        None  # backward, grad and clipping run with autocast off here
+    )
+    scaling: Any = None  # loss scaling (ampfn._scaling)
+    masters: Any = None  # fp32 master weights (ampfn._masters)
+    rounding: Any = (
+        None  # stochastic rounding of the optimizer's update (ampfn._rounding)
+    )
+    step_via: Callable[..., None] | None = (
+        None  # replaces optimizer.step(*args, **kwargs)
+    )
+    after_step: Callable[[Any], None] | None = (
+        None  # after each step that may have changed weights
+    )
+    observer: Any = None  # telemetry (ampfn._telemetry)
+    handler: Handler | None = None  # a user's handler
+
+    def around(self) -> tuple[str, ...]:
+        """The around-the-call slots this fragment fills (two fragments filling the same
+        slot go in separate wrappers)."""
+        return tuple(
+            s for s in ("autocast", "inputs", "outputs") if getattr(self, s) is not None
+        )
+
+
+def _single(fragments: tuple[Fragment, ...], field: str, what: str) -> Any:
+    found = [
+        (f.name, getattr(f, field)) for f in fragments if getattr(f, field) is not None
+    ]
+    if len(found) > 1:
+        names = ", ".join(n for n, _ in found)
+        raise ValueError(
+            f"ampfn: two {what} are active in one step ({names}); keep exactly one"
+        )
+    return found[0][1] if found else None
+
+
+def autocast_off(off: tuple[str, ...], fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with autocast off on the device types ``off``.
+
+    Eager code flips the thread-local flag (what a nested ``torch.autocast(enabled=False)``
+    does, without its construction cost); traced code uses the context manager, since
+    dynamo cannot trace a flip of the flag inside a traced autocast region.
+    """
+    if not off:
+        return fn(*args)
+    dev, rest = off[0], off[1:]
+    if torch.compiler.is_compiling():
+        with torch.autocast(dev, enabled=False):
+            return autocast_off(rest, fn, *args) if rest else fn(*args)
+    was = torch.is_autocast_enabled(dev)
+    torch.set_autocast_enabled(dev, False)
+    try:
+        return autocast_off(rest, fn, *args) if rest else fn(*args)
+    finally:
+        torch.set_autocast_enabled(dev, was)
+
+
+class Engine:
+    """The built-in effects of one plan, as one fixed sequence of calls."""
+
+    __slots__ = (
+        "after_step",
+        "masters",
+        "observers",
+        "off",
+        "plain_step",
+        "rounding",
+        "scaling",
+        "step_via",
+    )
+
+    def __init__(self, fragments: tuple[Fragment, ...]) -> None:
+        self.off = tuple(
+            dict.fromkeys(f.autocast_off for f in fragments if f.autocast_off)
+        )
+        self.scaling = _single(fragments, "scaling", "loss-scaling transforms")
+        self.masters = tuple(f.masters for f in fragments if f.masters is not None)
+        self.rounding = _single(fragments, "rounding", "stochastic-rounding transforms")
+        if self.rounding is not None and self.masters:
+            raise ValueError(
+                "ampfn: master weights and stochastic rounding are both active in one step; keep one"
+            )
+        self.step_via = _single(
+            fragments, "step_via", "transforms that replace optimizer.step"
+        )
+        self.after_step = tuple(
+            f.after_step for f in fragments if f.after_step is not None
+        )
+        self.observers = tuple(f.observer for f in fragments if f.observer is not None)
+        self.plain_step = not (
+            self.masters
+            or self.rounding
+            or self.step_via
+            or self.after_step
+            or self.observers
+        )
+
+    # --- backward and grad -------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        if not isinstance(loss, torch.Tensor):
+            _check_loss(loss)
+        loss_id = (
+            check_loss_id(kwargs.pop("loss_id"))
+            if kwargs and "loss_id" in kwargs
+            else 0
+        )
+        autocast_off(self.off, self._backward, loss, loss_id, kwargs)
+
+    def _backward(
+        self, loss: torch.Tensor, loss_id: int, kwargs: dict[str, Any]
+    ) -> None:
+        sc = self.scaling
+        if sc is None:
+            loss.backward(**kwargs)  # type: ignore[no-untyped-call]
+            for m in self.masters:
+                m.collect()
+        else:
+            sc.scale(loss, loss_id).backward(**kwargs)
+            for m in self.masters:
+                m.collect()
+            if sc.per_backward:
+                sc.after_backward(loss_id)
+        for o in self.observers:
+            o.on_backward(sc, loss_id)
+
+    def grad(
+        self, outputs: Any, inputs: Any, kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, ...]:
+        api = "ampfn.grad(outputs, inputs, loss_id)"
+        loss_id = (
+            check_loss_id(kwargs.pop("loss_id"), api) if "loss_id" in kwargs else 0
+        )
+        sc = self.scaling
+        if sc is None:
+            return autocast_off(self.off, _autograd_grad, outputs, inputs, kwargs)  # type: ignore[no-any-return]
+        return autocast_off(self.off, sc.grad, outputs, inputs, loss_id, kwargs)  # type: ignore[no-any-return]
+
+    # --- step, unscale_, clip_grad_norm_ ------------------------------------------------
+
+    def step(
+        self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            check_optimizer(optimizer, "ampfn.step(optimizer)")
+        sc = self.scaling
+        if self.plain_step:
+            if sc is None:
+                optimizer.step(*args, **kwargs)
+                return True
+            return sc.step(optimizer, args, kwargs)
+        rounding = self.rounding
+        if rounding is not None:
+            rounding.before_step(optimizer)
+        try:
+            if sc is not None:
+                stepped = sc.step(optimizer, args, kwargs)
+            elif self.step_via is not None:
+                self.step_via(optimizer, *args, **kwargs)
+                stepped = True
+            else:
+                optimizer.step(*args, **kwargs)
+                stepped = True
+        finally:
+            if rounding is not None:
+                rounding.after_step(optimizer)
+        for m in self.masters:
+            m.after_step(optimizer, stepped)
+        for f in self.after_step:
+            f(optimizer)
+        for o in self.observers:
+            o.on_step(stepped)
+        return stepped
+
+    def unscale_(self, optimizer: Any) -> None:
+        if self.scaling is not None:
+            self.scaling.unscale(optimizer)
+
+    def clip_grad_norm_(
+        self, parameters: Any, max_norm: float, optimizer: Any, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        if self.scaling is not None:
+            self.scaling.unscale(optimizer)
+        for m in self.masters:
+            parameters = m.clip_params(parameters)
+        norm = autocast_off(self.off, _clip, parameters, max_norm, kwargs)
+        for o in self.observers:
+            o.on_clip(norm)
+        return norm  # type: ignore[no-any-return]
+
+
+def _autograd_grad(
+    outputs: Any, inputs: Any, kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.autograd.grad(outputs, inputs, **kwargs))
+
+
+def _clip(parameters: Any, max_norm: float, kwargs: dict[str, Any]) -> torch.Tensor:
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm, **kwargs)
+
+
+def _chain(
+    handlers: tuple[Handler, ...], effect: str, base: Callable[..., Any]
+) -> Callable[..., Any]:
+    """``base`` wrapped by the handlers that override ``effect``, outermost first."""
+    proceed = base
+    for h in reversed(handlers):
+        if getattr(type(h), effect) is not getattr(Handler, effect):
+            proceed = functools.partial(getattr(h, effect), proceed)
+    return proceed
+
+
+class Plan:
+    """What each effect does while a pipeline's step runs (see the module docstring)."""
+
+    __slots__ = (
+        "_merged",
+        "_outer",
+        "backward",
+        "clip_grad_norm_",
+        "engine",
+        "fragments",
+        "grad",
+        "step",
+        "unscale_",
+    )
+
+    def __init__(self, fragments: tuple[Fragment, ...]) -> None:
+        self.fragments = fragments
+        self.engine = engine = Engine(fragments)
+        handlers = tuple(f.handler for f in fragments if f.handler is not None)
+        for effect in EFFECTS:
+            setattr(self, effect, _chain(handlers, effect, getattr(engine, effect)))
+        self._outer: Plan | None = None
+        self._merged: Plan = self
+
+    def under(self, outer: Plan) -> Plan:
+        """This plan nested inside ``outer``'s step: the union of both (cached)."""
+        if self._outer is not outer:
+            self._merged = Plan(outer.fragments + self.fragments)
+            self._outer = outer
+        return self._merged
+
+
+class Layer:
+    """One fused wrapper: its fragments, the plan, and the step it calls."""
+
+    __slots__ = ("fragments", "plan", "step", "wrapper")
+
+    def __init__(
+        self, fragments: tuple[Fragment, ...], step: Callable[..., Any]
+    ) -> None:
+        self.fragments = fragments
+        self.plan = Plan(fragments)
+        self.step = step
+        self.wrapper: Callable[..., Any] | None = None
+
+
+def can_fuse(outer: tuple[Fragment, ...], inner: tuple[Fragment, ...]) -> bool:
+    slots = [s for f in outer + inner for s in f.around()]
+    return len(slots) == len(set(slots))
+
+
+def build(
+    fragments: tuple[Fragment, ...], step: Callable[..., Any]
+) -> tuple[Callable[..., Any], Layer]:
+    """The wrapper that runs ``step`` under ``fragments`` (outermost first)."""
+    layer = Layer(fragments, step)
+    plan = layer.plan
+    autocast = next((f.autocast for f in fragments if f.autocast is not None), None)
+    inputs = next((f.inputs for f in fragments if f.inputs is not None), None)
+    outputs = next((f.outputs for f in fragments if f.outputs is not None), None)
+    ends = tuple(
+        f.end for f in reversed(fragments) if f.end is not None
+    )  # innermost first
+    dev, dtype, ac_kwargs = autocast if autocast is not None else ("", None, {})
+
+    def pipeline_step(*args: Any, **kwargs: Any) -> Any:
+        outer = getattr(local, "plan", None)
+        local.plan = plan if outer is None else plan.under(outer)
+        failed = True
+        try:
+            if inputs is not None:
+                args, kwargs = inputs(args, kwargs)
+            if autocast is None:
+                out = step(*args, **kwargs)
+            else:
+                with torch.autocast(dev, dtype=dtype, **ac_kwargs):
+                    out = step(*args, **kwargs)
+            if outputs is not None:
+                out = outputs(out)
+            failed = False
+            return out
+        finally:
+            local.plan = outer
+            for end in ends:
+                end(failed)
+
+    layer.wrapper = pipeline_step
+    return pipeline_step, layer
