@@ -435,3 +435,237 @@ def test_apex_backend_matches_native(
         return model
 
     assert max_param_error(run("apex"), run("native")) < 1e-2
+
+
+# --------------------------------------------------------------------------- what migrating users bring
+
+
+def test_converting_a_model_twice_says_it_was_converted_by_with_apex() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ampfn.with_apex("O2", model, opt, backend="native")
+    with pytest.raises(
+        ValueError, match=r"this model was already converted by with_apex\('O2'\)"
+    ):
+        ampfn.with_apex("O2", model, opt, backend="native")
+
+
+@pytest.mark.parametrize("level", ["O2", "O3"])
+def test_checkpoints_are_fp32_and_portable(level: str) -> None:
+    fp32 = mlp(batchnorm=True)
+    model = twin(fp32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = ampfn.with_apex(level, model, opt, backend="native")(make_step(model, opt))
+    saved = model.state_dict()
+    assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.float32}
+    if level == "O2":  # the masters' exact values, not the fp16 copies
+        assert all(torch.equal(saved[n], p) for n, p in fp32.state_dict().items())
+    for b in batches(3):
+        step(b)
+    saved = model.state_dict()
+    plain = mlp(batchnorm=True, seed=7)
+    plain.load_state_dict(saved)  # into an fp32 model
+    assert all(p.dtype == torch.float32 for p in plain.parameters())
+    # an fp32 checkpoint (or an fp16 one) loads back into a converted model
+    other = mlp(batchnorm=True, seed=9)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    ampfn.with_apex(level, other, other_opt, backend="native")
+    other.load_state_dict(plain.state_dict())
+    assert params_equal(other, model)
+    if level == "O2":  # and sets the masters from the fp32 values
+        masters = other_opt.param_groups[0]["params"]
+        assert torch.equal(masters[0], saved["0.weight"])
+    halves = {k: v.half() if v.is_floating_point() else v for k, v in saved.items()}
+    other.load_state_dict(
+        halves
+    )  # an fp16 checkpoint: batch norm rounded, the rest as is
+    for (name, p), q in zip(other.named_parameters(), model.parameters(), strict=True):
+        assert (
+            torch.equal(p, q)
+            if p.dtype == torch.float16
+            else torch.equal(p, q.half().float())
+        ), name
+
+
+def test_several_models_and_optimizers() -> None:
+    a, b = mlp(0), mlp(1)
+    oa = torch.optim.SGD(a.parameters(), lr=0.1)
+    ob = torch.optim.Adam(b.parameters(), lr=1e-2)
+    poison = {"now": False}
+
+    @ampfn.with_apex("O2", [a, b], [oa, ob], backend="native")
+    def train_step(batch: Batch) -> tuple[bool, bool]:
+        x, y = batch
+        ampfn.backward(F.cross_entropy(a(x) + b(x), y))
+        if poison["now"]:  # only b's gradients overflow
+            ob.param_groups[0]["params"][0].grad.view(-1)[0] = float("inf")
+        stepped = ampfn.step(oa), ampfn.step(ob)
+        oa.zero_grad()
+        ob.zero_grad()
+        return stepped
+
+    assert {p.dtype for p in [*a.parameters(), *b.parameters()]} == {torch.float16}
+    data = batches(3)
+    assert train_step(data[0]) == (True, True)
+    before = twin(a), twin(b)
+    poison["now"] = True
+    # Apex's rule: an overflow skips every optimizer given to with_apex
+    assert train_step(data[1]) == (False, False)
+    assert params_equal(a, before[0])
+    assert params_equal(b, before[1])
+    poison["now"] = False
+    assert train_step(data[2]) == (True, True)
+
+
+class Larc:
+    """An optimizer-like wrapper, as Apex's LARC: param_groups, state and step."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.optim = inner
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optim.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optim.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        return self.optim.state
+
+    def step(self) -> None:
+        self.optim.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optim.zero_grad(set_to_none)
+
+
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_optimizer_like_wrappers_are_accepted(level: str) -> None:
+    model, ref = mlp(), mlp()
+    opt = Larc(torch.optim.SGD(model.parameters(), lr=0.1))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    transform = ampfn.with_apex(level, model, opt, backend="native")  # type: ignore[arg-type]
+    step = transform(make_step(model, opt))  # type: ignore[arg-type]
+    ref_step = ampfn.with_apex(level, ref, ref_opt, backend="native")(
+        make_step(ref, ref_opt)
+    )
+    for b in batches(4):
+        assert step(b)[1] == ref_step(b)[1]
+    assert params_equal(model, ref)
+
+    @transform
+    def overflowing(b: Batch) -> bool:
+        ampfn.backward(F.cross_entropy(model(b[0]).float(), b[1]) * float("inf"))
+        stepped = ampfn.step(opt)
+        opt.zero_grad()
+        return stepped
+
+    assert overflowing(batches(1)[0]) is False
+
+
+# --------------------------------------------------------------------------- several losses
+
+
+def apex_by_hand(
+    data: list[Batch], poison_at: int
+) -> tuple[nn.Module, nn.Module, list[float], list[float]]:
+    """Apex's scale_loss for two losses, transcribed (apex/amp/handle.py, scaler.py):
+    unscale each backward as it finishes with its own loss's scale, update that scale,
+    skip every optimizer's step if any backward overflowed."""
+    a, b = mlp(0), mlp(1)
+    oa = torch.optim.SGD(a.parameters(), lr=0.1)
+    ob = torch.optim.SGD(b.parameters(), lr=0.1)
+    params = [*a.parameters(), *b.parameters()]
+    scales = [torch.full((), 2.0**16), torch.full((), 2.0**16)]
+    trackers = [torch.zeros((), dtype=torch.int32), torch.zeros((), dtype=torch.int32)]
+    history: tuple[list[float], list[float]] = ([], [])
+    for i, (x, y) in enumerate(data):
+        with torch.autocast("cpu", dtype=torch.float16):
+            losses = [
+                F.cross_entropy((a(x) + b(x)).float(), y),
+                b(x).float().pow(2).mean() * (float("inf") if i == poison_at else 1.0),
+            ]
+        overflow = torch.zeros(())
+        for k, loss in enumerate(losses):
+            stash = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+            (loss.float() * scales[k]).backward()
+            found = torch.zeros(())
+            fresh = [p.grad for p in params if p.grad is not None]
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                fresh, found, scales[k].double().reciprocal().float()
+            )  # type: ignore[arg-type]
+            for p, old in zip(params, stash, strict=True):
+                if old is not None:
+                    p.grad = old if p.grad is None else p.grad.add_(old)
+            torch._amp_update_scale_(scales[k], trackers[k], found, 2.0, 0.5, 2000)
+            overflow += found
+        if not overflow.item():
+            oa.step()
+            ob.step()
+        oa.zero_grad()
+        ob.zero_grad()
+        for k in range(2):
+            history[k].append(float(scales[k]))
+    return a, b, *history
+
+
+def test_several_losses_follow_apexs_scale_loss() -> None:
+    data = batches(5)
+    poison_at = 2
+    ref_a, ref_b, ref_s0, ref_s1 = apex_by_hand(data, poison_at)
+    a, b = mlp(0), mlp(1)
+    oa = torch.optim.SGD(a.parameters(), lr=0.1)
+    ob = torch.optim.SGD(b.parameters(), lr=0.1)
+    pipeline = ampfn.with_apex("O1", [a, b], [oa, ob], backend="native", num_losses=2)
+    calls = {"i": 0}
+
+    @pipeline
+    def train_step(batch: Batch) -> tuple[bool, bool]:
+        x, y = batch
+        loss0 = F.cross_entropy((a(x) + b(x)).float(), y)
+        loss1 = b(x).float().pow(2).mean() * (
+            float("inf") if calls["i"] == poison_at else 1.0
+        )
+        calls["i"] += 1
+        ampfn.backward(loss0, loss_id=0)
+        ampfn.backward(loss1, loss_id=1)
+        stepped = ampfn.step(oa), ampfn.step(ob)
+        oa.zero_grad()
+        ob.zero_grad()
+        return stepped
+
+    results, s0, s1 = [], [], []
+    for batch in data:
+        results.append(train_step(batch))
+        s0.append(ampfn.loss_scale(train_step, loss_id=0))
+        s1.append(ampfn.loss_scale(train_step, loss_id=1))
+    # loss 1 overflowed: both optimizers skipped, only loss 1's scale backed off
+    assert results == [(i != poison_at, i != poison_at) for i in range(len(data))]
+    assert s0 == ref_s0 == [2.0**16] * len(data)
+    assert s1 == ref_s1 == [2.0**16] * poison_at + [2.0**15] * (len(data) - poison_at)
+    assert params_equal(a, ref_a)
+    assert params_equal(b, ref_b)
+
+
+def test_several_losses_validate_the_loss_id() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    @ampfn.with_apex("O1", model, opt, backend="native", num_losses=2)
+    def train_step(b: Batch) -> None:
+        ampfn.backward(model(b[0]).float().sum(), loss_id=2)
+
+    with pytest.raises(
+        ValueError,
+        match=r"loss_id is 2, but with_apex has num_losses=2 \(loss ids 0 to 1\)",
+    ):
+        train_step(batches(1)[0])
+    with pytest.raises(ValueError, match="num_losses must be an int >= 1, got 0"):
+        ampfn.with_apex("O1", model, opt, backend="native", num_losses=0)
+    with pytest.raises(ValueError, match="needs the optimizers"):
+        ampfn.with_apex("O1", model, backend="native", num_losses=2)

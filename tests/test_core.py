@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -143,3 +144,103 @@ def test_nested_pipelines_flatten() -> None:
         composed(batch)
         stacked(batch)
     assert params_equal(model, twin_model)
+
+
+FACTORIES = [
+    ("with_autocast", "with_autocast(dtype)"),
+    ("with_grad_scaling", "with_grad_scaling()"),
+    ("with_apex", "with_apex(level)"),
+    ("with_xla_bf16", "with_xla_bf16()"),
+    ("with_handler", "with_handler(handler)"),
+]
+
+
+@pytest.mark.parametrize(("name", "call"), FACTORIES)
+def test_a_factory_used_as_a_decorator_says_call_it(name: str, call: str) -> None:
+    factory = getattr(ampfn, name)
+
+    with pytest.raises(
+        TypeError,
+        match=rf"ampfn.{name} is a transform factory, not a transform: call it: @ampfn.{re.escape(call)}",
+    ):
+
+        @factory
+        def train_step(batch: int) -> int:
+            return batch
+
+
+@pytest.mark.parametrize(("name", "call"), FACTORIES)
+def test_a_factory_composed_uncalled_says_call_it_at_once(name: str, call: str) -> None:
+    with pytest.raises(
+        TypeError,
+        match=rf"compose\(\*transforms\): the transform at position 1 is the factory {name}, not a transform: call it: {re.escape(call)}",
+    ):
+        ampfn.compose(ampfn.with_autocast("bf16", "cpu"), getattr(ampfn, name))
+
+
+def test_a_factory_given_as_the_step_is_an_error() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"with_grad_scaling\(step\): got the transform factory with_autocast\(dtype\)",
+    ):
+        ampfn.with_grad_scaling()(ampfn.with_autocast)
+
+
+def test_transforms_applied_on_top_of_each_other_fuse_into_one_wrapper() -> None:
+    def step(batch: int) -> int:
+        return batch
+
+    fused = ampfn.compose(
+        ampfn.with_grad_scaling(),
+        ampfn.with_autocast("bf16", "cpu"),
+        ampfn.with_handler(ampfn.Handler()),
+    )(step)
+    layer = fused.__ampfn_layer__  # type: ignore[attr-defined]
+    assert layer.step is step  # one wrapper around the user's own step
+    assert [f.name for f in layer.fragments] == [
+        "with_grad_scaling",
+        "with_autocast",
+        "with_handler(Handler)",
+    ]
+    # two autocasts need two wrappers (each enters its own torch.autocast)
+    layered = ampfn.compose(
+        ampfn.with_autocast("bf16", "cpu"), ampfn.with_autocast("fp16", "cpu")
+    )(step)
+    assert layered.__ampfn_layer__.step is not step  # type: ignore[attr-defined]
+    assert layered(3) == fused(3) == 3
+
+
+def test_nested_pipelines_through_a_users_wrapper_share_the_effects() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    s = torch.amp.GradScaler("cpu", init_scale=8.0)
+
+    def opaque(step: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(
+            *args: Any,
+        ) -> Any:  # no functools.wraps: a layer ampfn cannot see into
+            return step(*args)
+
+        return wrapped
+
+    inner = ampfn.with_autocast("fp16", "cpu")(make_step(model, opt))
+    outer = ampfn.with_grad_scaling(s)(opaque(inner))
+    _, stepped = outer(batches(1)[0])
+    assert stepped is True
+    assert s.get_scale() == 8.0  # one update, no growth yet
+
+
+def test_two_scalers_active_at_once_through_an_opaque_wrapper_are_an_error() -> None:
+    def opaque(step: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any) -> Any:
+            return step(*args)
+
+        return wrapped
+
+    w = torch.ones(1, requires_grad=True)
+    inner = ampfn.with_grad_scaling()(lambda: ampfn.backward(w.sum()))
+    outer = ampfn.with_grad_scaling()(opaque(inner))
+    with pytest.raises(
+        ValueError, match="two loss-scaling transforms are active in one step"
+    ):
+        outer()

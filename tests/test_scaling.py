@@ -411,3 +411,391 @@ def test_a_failing_step_keeps_its_own_exception() -> None:
         RuntimeError, match=r"ampfn.step\(optimizer\): no ampfn.backward ran"
     ):
         train_step(batches(1)[0])
+
+
+# --------------------------------------------------------------------------- misuse is an error
+
+
+class PublicOnly:
+    """A scaler with GradScaler's public methods and nothing else (delegating)."""
+
+    def __init__(self, inner: torch.amp.GradScaler) -> None:
+        self._inner = inner
+
+    def scale(self, x: Any) -> Any:
+        return self._inner.scale(x)
+
+    def unscale_(self, o: Any) -> None:
+        self._inner.unscale_(o)
+
+    def step(self, o: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._inner.step(o, *args, **kwargs)
+
+    def update(self) -> None:
+        self._inner.update()
+
+    def get_scale(self) -> float:
+        return self._inner.get_scale()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._inner.state_dict()
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self._inner.load_state_dict(s)
+
+
+def scaling_transforms() -> list[Any]:
+    return [
+        pytest.param(
+            lambda m, o: ampfn.with_grad_scaling(scaler("cpu")), id="with_grad_scaling"
+        ),
+        pytest.param(
+            lambda m, o: ampfn.with_grad_scaling(scaler("cpu"), sync=False),
+            id="sync-free",
+        ),
+        pytest.param(
+            lambda m, o: ampfn.with_apex("O1", m, o, backend="native"), id="apex-O1"
+        ),
+        pytest.param(
+            lambda m, o: ampfn.with_apex("O2", m, o, backend="native"), id="apex-O2"
+        ),
+        pytest.param(
+            lambda m, o: ampfn.with_apex("O1", m, o, backend="native", num_losses=2),
+            id="apex-O1-2-losses",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("transform", scaling_transforms())
+def test_calling_optimizer_step_directly_is_an_error_before_anything_changes(
+    transform: Any,
+) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    @transform(model, opt)
+    def train_step(b: Batch) -> None:
+        ampfn.backward(F.cross_entropy(model(b[0]).float(), b[1]))
+        opt.step()  # the classic slip: the gradients are still scaled
+
+    before = twin(model)  # after with_apex cast it
+    with pytest.raises(
+        RuntimeError,
+        match=r"SGD.step\(\) was called directly .* call ampfn.step\(optimizer\)",
+    ):
+        train_step(batches(1)[0])
+    assert params_equal(model, before)
+    opt.step()  # outside the step it is plain PyTorch again
+    ampfn.step(opt)
+
+
+@pytest.mark.parametrize("transform", scaling_transforms())
+def test_loss_backward_called_directly_is_an_error_naming_ampfn_backward(
+    transform: Any,
+) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    direct = {"now": False}
+
+    @transform(model, opt)
+    def train_step(b: Batch) -> Any:
+        loss = F.cross_entropy(model(b[0]).float(), b[1])
+        if direct["now"]:
+            loss.backward()
+        else:
+            ampfn.backward(loss)
+        stepped = ampfn.step(opt)
+        opt.zero_grad()
+        return stepped
+
+    data = batches(3)
+    train_step(data[0])  # a correct call first: later calls must be caught too
+    direct["now"] = True
+    for b in data[1:]:
+        with pytest.raises(
+            RuntimeError,
+            match=r"no ampfn.backward ran .* call ampfn.backward\(loss\) instead",
+        ):
+            train_step(b)
+        opt.zero_grad()
+
+
+# --------------------------------------------------------------------------- skips are reported truly
+
+
+def optimizer_kinds() -> list[Any]:
+    kinds: list[Any] = [
+        pytest.param(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), id="SGD"),
+        pytest.param(
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=False),
+            id="SGD-loop",
+        ),
+        pytest.param(lambda ps: torch.optim.Adam(ps, lr=1e-2), id="Adam"),
+        pytest.param(
+            lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True), id="AdamW-fused"
+        ),
+        pytest.param(
+            lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True), id="Adam-fused"
+        ),
+        pytest.param(
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+            id="SGD-fused",
+        ),
+        pytest.param(lambda ps: torch.optim.RMSprop(ps, lr=1e-3), id="RMSprop"),
+    ]
+    return kinds
+
+
+def scaler_kinds() -> list[Any]:
+    # ShardedGradScaler needs a process group: tests/test_distributed.py
+    return [
+        pytest.param(lambda: scaler("cpu"), id="GradScaler"),
+        pytest.param(lambda: PublicOnly(scaler("cpu")), id="public-methods-only"),
+    ]
+
+
+@pytest.mark.parametrize("make_scaler", scaler_kinds())
+@pytest.mark.parametrize("make_opt", optimizer_kinds())
+def test_step_reports_every_skip_for_every_optimizer_and_scaler(
+    make_opt: Any, make_scaler: Any
+) -> None:
+    model = mlp()
+    try:
+        opt = make_opt(model.parameters())
+    except RuntimeError as e:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"optimizer unavailable: {e}")
+    s = make_scaler()
+
+    @ampfn.with_grad_scaling(s)
+    def train_step(b: Batch, inf: bool) -> bool:
+        ampfn.backward(F.cross_entropy(model(b[0]), b[1]))
+        if inf:
+            poison(model)
+        stepped = ampfn.step(opt)
+        opt.zero_grad()
+        return stepped
+
+    pattern = [False, True, True, False, False, True]
+    before: list[torch.nn.Module] = []
+    results = []
+    for b, inf in zip(batches(len(pattern)), pattern, strict=True):
+        before.append(twin(model))
+        results.append(train_step(b, inf))
+        if inf:  # a skipped step leaves the parameters as they were
+            assert params_equal(model, before[-1])
+    assert results == [not inf for inf in pattern]
+
+
+def test_clipping_a_fused_optimizer_under_scaling_matches_hand_written() -> None:
+    """Lightning refuses this; GradScaler supports it, and so does ampfn."""
+    m1, m2 = mlp(), mlp()
+    o1 = torch.optim.AdamW(m1.parameters(), lr=1e-2, fused=True)
+    o2 = torch.optim.AdamW(m2.parameters(), lr=1e-2, fused=True)
+    s1, s2 = scaler("cpu"), scaler("cpu")
+    step = ampfn.with_grad_scaling(s2)(make_step(m2, o2, clip=0.5))
+    for i, (x, y) in enumerate(batches(ITERS)):
+        s1.scale(F.cross_entropy(m1(x).float(), y)).backward()
+        if i == SKIP_AT:
+            poison(m1)
+        s1.unscale_(o1)
+        torch.nn.utils.clip_grad_norm_(m1.parameters(), 0.5)
+        s1.step(o1)
+        s1.update()
+        o1.zero_grad(set_to_none=True)
+
+        @ampfn.with_handler(_PoisonAt(m2, i == SKIP_AT))
+        def poisoned(b: Batch) -> Any:
+            return step(b)
+
+        poisoned((x, y))
+    assert params_equal(m1, m2)
+    assert s1.state_dict() == s2.state_dict()
+
+
+class _PoisonAt(ampfn.Handler):
+    def __init__(self, model: torch.nn.Module, now: bool) -> None:
+        self.model, self.now = model, now
+
+    def backward(
+        self, proceed: Any, loss: torch.Tensor, kwargs: dict[str, Any]
+    ) -> None:
+        proceed(loss, kwargs)
+        if self.now:
+            poison(self.model)
+
+
+# --------------------------------------------------------------------------- unscaling without a step
+
+
+def test_unscale_for_logging_then_step_in_a_later_call() -> None:
+    model, ref = mlp(), mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    s, ref_s = scaler("cpu"), scaler("cpu")
+    x, y = batches(1)[0]
+
+    @ampfn.with_grad_scaling(s)
+    def train_step(b: Batch | None) -> Any:
+        if b is not None:  # backward, and read the true gradient norm for logging
+            ampfn.backward(F.cross_entropy(model(b[0]), b[1]))
+            return float(ampfn.clip_grad_norm_(model.parameters(), 1e9, opt))
+        return ampfn.step(opt)  # a later call steps
+
+    norm = train_step((x, y))
+    ref_s.scale(F.cross_entropy(ref(x), y)).backward()
+    ref_s.unscale_(ref_opt)
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e9))
+    ref_s.step(ref_opt)
+    ref_s.update()
+    assert norm == ref_norm
+    assert train_step(None) is True
+    assert params_equal(model, ref)
+    assert s.state_dict() == ref_s.state_dict()
+
+
+def test_unscale_then_clearing_the_gradients_starts_a_fresh_update() -> None:
+    model, ref = mlp(), mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    s, ref_s = scaler("cpu"), scaler("cpu")
+    data = batches(3)
+    log_only = {"now": True}
+
+    @ampfn.with_grad_scaling(s)
+    def train_step(b: Batch) -> bool | None:
+        ampfn.backward(F.cross_entropy(model(b[0]), b[1]))
+        ampfn.unscale_(opt)  # read the true gradients, e.g. to log their norm
+        if log_only["now"]:
+            opt.zero_grad()  # clears them (set_to_none): the next call starts afresh
+            return None
+        stepped = ampfn.step(opt)
+        opt.zero_grad()
+        return stepped
+
+    assert train_step(data[0]) is None
+    log_only["now"] = False
+    assert train_step(data[1]) is True
+    assert train_step(data[2]) is True
+    for x, y in data[1:]:  # the reference never saw the cleared call
+        ref_s.scale(F.cross_entropy(ref(x), y)).backward()
+        ref_s.unscale_(ref_opt)
+        ref_s.step(ref_opt)
+        ref_s.update()
+        ref_opt.zero_grad()
+    assert params_equal(model, ref)
+    assert s.state_dict() == ref_s.state_dict()
+
+
+def test_unscale_then_zeroing_in_place_names_the_case_and_its_fixes() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(2)
+    first = {"now": True}
+
+    @ampfn.with_grad_scaling(scaler("cpu"))
+    def train_step(b: Batch) -> None:
+        ampfn.backward(F.cross_entropy(model(b[0]), b[1]))
+        ampfn.unscale_(opt)
+        if first["now"]:
+            opt.zero_grad(set_to_none=False)
+            return
+        ampfn.step(opt)
+
+    train_step(data[0])
+    first["now"] = False
+    with pytest.raises(
+        RuntimeError,
+        match=r"zeroed in place since, not cleared.*zero_grad\(set_to_none=True\), or call ampfn.step\(optimizer\) in the call that unscales",
+    ):
+        train_step(data[1])
+
+
+# --------------------------------------------------------------------------- gradient penalty, step arguments
+
+
+def test_gradient_penalty_matches_pytorchs_amp_recipe() -> None:
+    """PyTorch's AMP example "Gradient penalty", hand-written with GradScaler."""
+    m1, m2 = mlp(), mlp()
+    o1 = torch.optim.SGD(m1.parameters(), lr=0.05)
+    o2 = torch.optim.SGD(m2.parameters(), lr=0.05)
+    s1, s2 = scaler("cpu"), scaler("cpu")
+    data = batches(ITERS)
+    for x, y in data:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(m1(x).float(), y)
+        scaled_grads = torch.autograd.grad(
+            s1.scale(loss), list(m1.parameters()), create_graph=True
+        )
+        inv_scale = 1.0 / s1.get_scale()
+        grads = [p * inv_scale for p in scaled_grads]
+        with torch.autocast("cpu", dtype=torch.float16):
+            penalty = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
+            loss = loss + penalty
+        s1.scale(loss).backward()
+        s1.step(o1)
+        s1.update()
+        o1.zero_grad()
+
+    @ampfn.compose(ampfn.with_grad_scaling(s2), ampfn.with_autocast("fp16", "cpu"))
+    def train_step(b: Batch) -> bool:
+        loss = F.cross_entropy(m2(b[0]).float(), b[1])
+        grads = ampfn.grad(loss, list(m2.parameters()), create_graph=True)
+        penalty = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
+        ampfn.backward(loss + penalty)
+        stepped = ampfn.step(o2)
+        o2.zero_grad()
+        return stepped
+
+    for b in data:
+        train_step(b)
+    assert params_equal(m1, m2)
+    assert s1.state_dict() == s2.state_dict()
+
+
+@pytest.mark.parametrize("transform", scaling_transforms())
+def test_grad_returns_the_true_gradients_under_every_scaler(transform: Any) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batches(1)[0]
+    ref = twin(model)
+    (ref_grad,) = torch.autograd.grad(
+        F.cross_entropy(ref(x), y), [next(ref.parameters())]
+    )
+
+    @transform(model, opt)
+    def train_step(b: Batch) -> torch.Tensor:
+        loss = F.cross_entropy(model(b[0]).float(), b[1])
+        (g,) = ampfn.grad(loss, [next(model.parameters())])
+        return g
+
+    g = train_step((x, y))
+    torch.testing.assert_close(g.float(), ref_grad, atol=2e-3, rtol=2e-2)
+
+
+def test_a_closure_under_scaling_gets_gradscalers_own_error() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    @ampfn.with_grad_scaling(scaler("cpu"))
+    def train_step(b: Batch) -> None:
+        ampfn.backward(model(b[0]).sum())
+        ampfn.step(opt, closure=lambda: model(b[0]).sum())
+
+    with pytest.raises(
+        RuntimeError,
+        match="Closure use is not currently supported if GradScaler is enabled",
+    ):
+        train_step(batches(1)[0])
+
+
+def test_stepping_twice_in_one_call_is_allowed_without_scaling() -> None:
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([w], lr=0.5)
+
+    @ampfn.with_autocast("bf16", "cpu")
+    def twice() -> tuple[bool, bool]:
+        ampfn.backward(w.sum())
+        return ampfn.step(opt), ampfn.step(opt)
+
+    assert twice() == (True, True)
+    assert torch.equal(w.detach(), torch.zeros(1))
