@@ -1,19 +1,25 @@
-"""ampfn pipelines against the identical hand-written torch.amp loops, in one process.
+"""ampfn pipelines against the identical hand-written PyTorch loops, in one process.
 
-For each pipeline and model size the two loops run interleaved (alternating which goes
-first) from identical copies of the model, and the script prints the median over rounds
-of (ampfn time / hand-written time) per step. A ratio of 1.00 means no overhead. It also
-times ``import ampfn`` after torch in fresh interpreters and checks that no optional
-backend (apex, torch_xla, hypothesis) was imported.
+For each pipeline and model size the two loops run interleaved (see harness.py: rotating
+order, thread CPU time per step, median and interquartile range), from identical copies
+of the model. It prints, per pair, the median time per step of each, the median of the
+per-round differences in µs and of the per-round ratios (ampfn / by hand), each with its
+interquartile range. A ratio of 1.00 means no overhead. The hand-written loops run
+without ampfn's optimizer hook installed, exactly as in a process without ampfn.
 
-    python benchmarks/bench.py [--device cpu|cuda] [--rounds 15] [--steps 40] [--quick]
+With ``--compile`` both loops are compiled (``torch.compile``), and it also reports the
+compile time (first two calls, wall clock) and the graph-break reasons of each.
+
+    python benchmarks/bench.py [--device cpu|cuda] [--rounds 150] [--compile] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import statistics
+import functools
+import json
 import subprocess
 import sys
 import time
@@ -22,12 +28,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from harness import Comparison, Stat, compare, graph_breaks, interleave
 from torch import nn
 
 import ampfn
+from ampfn._scaling import guard_suspended
 
-Loop = Callable[[tuple[torch.Tensor, torch.Tensor]], Any]
+Batch = tuple[torch.Tensor, torch.Tensor]
+Loop = Callable[[Batch], Any]
 SIZES = {"tiny": (32, 64, 32), "large": (512, 2048, 256)}  # in/hidden features, batch
+STEPS = {"tiny": 20, "large": 3}  # steps per round
 
 
 def mlp(size: str, device: str) -> nn.Module:
@@ -47,12 +57,12 @@ def pair_bf16(model: nn.Module, device: str) -> tuple[Loop, Loop]:
     o2 = torch.optim.SGD(m2.parameters(), lr=1e-3, momentum=0.9)
 
     @ampfn.with_autocast("bf16", device)
-    def ours(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def ours(batch: Batch) -> None:
         ampfn.backward(F.cross_entropy(model(batch[0]).float(), batch[1]))
         ampfn.step(o1)
         o1.zero_grad(set_to_none=True)
 
-    def hand(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def hand(batch: Batch) -> None:
         with torch.autocast(device, dtype=torch.bfloat16):
             loss = F.cross_entropy(m2(batch[0]).float(), batch[1])
         loss.backward()
@@ -63,7 +73,7 @@ def pair_bf16(model: nn.Module, device: str) -> tuple[Loop, Loop]:
 
 
 def pair_fp16_scaled(
-    model: nn.Module, device: str, clip: bool = False
+    model: nn.Module, device: str, clip: bool = False, sync: bool = True
 ) -> tuple[Loop, Loop]:
     m2 = copy.deepcopy(model)
     o1 = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -71,17 +81,17 @@ def pair_fp16_scaled(
     s2 = torch.amp.GradScaler(device)
 
     @ampfn.compose(
-        ampfn.with_grad_scaling(torch.amp.GradScaler(device)),
+        ampfn.with_grad_scaling(torch.amp.GradScaler(device), sync=sync),
         ampfn.with_autocast("fp16", device),
     )
-    def ours(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def ours(batch: Batch) -> None:
         ampfn.backward(F.cross_entropy(model(batch[0]).float(), batch[1]))
         if clip:
             ampfn.clip_grad_norm_(model.parameters(), 1.0, o1)
         ampfn.step(o1)
         o1.zero_grad(set_to_none=True)
 
-    def hand(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def hand(batch: Batch) -> None:
         with torch.autocast(device, dtype=torch.float16):
             loss = F.cross_entropy(m2(batch[0]).float(), batch[1])
         s2.scale(loss).backward()
@@ -103,16 +113,16 @@ def pair_apex_o2(model: nn.Module, device: str) -> tuple[Loop, Loop]:
     o2 = torch.optim.SGD(masters, lr=1e-3, momentum=0.9)
     m2.half()
     halves: list[torch.Tensor] = list(m2.parameters())
-    s2 = torch.amp.GradScaler(device)
+    s2 = torch.amp.GradScaler(device, init_scale=2.0**16, growth_interval=2000)
     transform = ampfn.with_apex("O2", model, o1, backend="native")
 
     @transform
-    def ours(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def ours(batch: Batch) -> None:
         ampfn.backward(F.cross_entropy(model(batch[0]), batch[1]))
         ampfn.step(o1)
         o1.zero_grad(set_to_none=True)
 
-    def hand(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def hand(batch: Batch) -> None:
         loss = F.cross_entropy(m2(batch[0].half()).float(), batch[1])
         s2.scale(loss).backward()
         for p, m in zip(halves, masters, strict=True):
@@ -131,64 +141,80 @@ PAIRS: dict[str, Callable[[nn.Module, str], tuple[Loop, Loop]]] = {
     "autocast bf16": pair_bf16,
     "autocast fp16 + scaling": pair_fp16_scaled,
     "fp16 + scaling + clip": lambda m, d: pair_fp16_scaled(m, d, clip=True),
+    "fp16 + sync-free scaling": lambda m, d: pair_fp16_scaled(m, d, sync=False),
     "apex O2 (native)": pair_apex_o2,
 }
 
 
-# --------------------------------------------------------------------------- timing
+# --------------------------------------------------------------------------- running
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_loop(
-    loop: Loop, batches: list[tuple[torch.Tensor, torch.Tensor]], device: str
-) -> float:
-    sync(device)
-    start = time.perf_counter()
-    for b in batches:
-        loop(b)
-    sync(device)
-    return (time.perf_counter() - start) / len(batches)
-
-
-def bench_pair(
-    name: str, size: str, device: str, rounds: int, steps: int
-) -> tuple[float, float, float]:
-    d, _, n = SIZES[size]
-    ours, hand = PAIRS[name](mlp(size, device), device)
+def batches(size: str, device: str, n: int) -> list[Batch]:
+    d, _, b = SIZES[size]
     g = torch.Generator().manual_seed(0)
-    batches = [
+    return [
         (
-            torch.randn(n, d, generator=g).to(device),
-            torch.randint(0, 10, (n,), generator=g).to(device),
+            torch.randn(b, d, generator=g).to(device),
+            torch.randint(0, 10, (b,), generator=g).to(device),
         )
-        for _ in range(steps)
+        for _ in range(n)
     ]
-    for loop in (ours, hand):
-        time_loop(loop, batches[:10], device)  # warm up
-    ratios, t_ours, t_hand = [], [], []
-    for r in range(rounds):
-        if r % 2:
-            a, b = time_loop(ours, batches, device), time_loop(hand, batches, device)
-        else:
-            b, a = time_loop(hand, batches, device), time_loop(ours, batches, device)
-        ratios.append(a / b)
-        t_ours.append(a)
-        t_hand.append(b)
-    return (
-        statistics.median(t_ours),
-        statistics.median(t_hand),
-        statistics.median(ratios),
+
+
+def _hand_context() -> contextlib.AbstractContextManager[None]:
+    return guard_suspended()
+
+
+def _warm_up(fn: Loop, data: list[Batch]) -> None:
+    for b in data:
+        fn(b)
+
+
+def run_pair(
+    name: str, size: str, args: argparse.Namespace
+) -> tuple[Comparison, dict[str, Any]]:
+    ours, hand = PAIRS[name](mlp(size, args.device), args.device)
+    data = batches(size, args.device, STEPS[size])
+    extra: dict[str, Any] = {}
+    if args.compile:
+        torch._dynamo.reset()
+        compiled: dict[str, Loop] = {}
+        for label, loop in (("ampfn", ours), ("by hand", hand)):
+            fn = torch.compile(loop, backend=args.backend)
+            ctx = _hand_context() if label == "by hand" else contextlib.nullcontext()
+            with ctx:
+                start = time.perf_counter()
+                reasons, graphs = graph_breaks(functools.partial(_warm_up, fn, data[:2]))
+                extra[label] = {
+                    "compile_s": time.perf_counter() - start,
+                    "graphs": graphs,
+                    "breaks": reasons,
+                }
+            compiled[label] = fn
+        ours, hand = compiled["ampfn"], compiled["by hand"]
+    times = interleave_with_guard(ours, hand, data, args)
+    return compare(times, "ampfn", "by hand"), extra
+
+
+def interleave_with_guard(
+    ours: Loop, hand: Loop, data: list[Batch], args: argparse.Namespace
+) -> dict[str, list[float]]:
+    """Interleave the pair; ampfn's optimizer hook is suspended around each whole
+    hand-written loop, outside its timing."""
+    loops = {"ampfn": ours, "by hand": hand}
+    return interleave(
+        loops,
+        data,
+        rounds=args.rounds,
+        device=args.device,
+        contexts={"by hand": _hand_context},
     )
 
 
 def import_cost(repeats: int = 7) -> tuple[float, list[str]]:
     code = (
         "import sys, time, torch; t = time.perf_counter(); import ampfn; dt = time.perf_counter() - t; "
-        "print(dt); print(','.join(m for m in ('apex', 'torch_xla', 'hypothesis') if m in sys.modules))"
+        "print(dt); print(','.join(m for m in ('apex', 'torch_xla', 'hypothesis', 'torchao') if m in sys.modules))"
     )
     times, heavy = [], set()
     for _ in range(repeats):
@@ -197,40 +223,89 @@ def import_cost(repeats: int = 7) -> tuple[float, list[str]]:
         ).stdout.split("\n")
         times.append(float(out[0]))
         heavy |= {m for m in out[1].split(",") if m}
-    return statistics.median(times), sorted(heavy)
+    return Stat.of(times).median, sorted(heavy)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu"
     )
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=150)
+    parser.add_argument("--sizes", default="tiny,large")
+    parser.add_argument("--pipelines", default=",".join(PAIRS))
     parser.add_argument(
-        "--quick", action="store_true", help="3 rounds of 10 steps: a smoke run"
+        "--compile", action="store_true", help="compile both loops with torch.compile"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--backend", default="inductor", help="torch.compile backend (default inductor)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads on CPU (default 1)",
+    )
+    parser.add_argument(
+        "--json", default=None, help="also write the results to this file"
+    )
+    parser.add_argument("--quick", action="store_true", help="5 rounds: a smoke run")
+    args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.steps = 3, 10
+        args.rounds = 5
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    mode = f"compiled ({args.backend})" if args.compile else "eager"
     print(
-        f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
-        f"{args.rounds} interleaved rounds of {args.steps} steps; median per step"
+        f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, {mode}, "
+        f"{args.rounds} interleaved rounds; per step: median [IQR]"
     )
-    print(f"{'pipeline':<26}{'model':<7}{'ampfn':>11}{'by hand':>11}{'ratio':>8}")
-    for name in PAIRS:
-        for size in SIZES:
-            ours, hand, ratio = bench_pair(
-                name, size, args.device, args.rounds, args.steps
-            )
+    print(
+        f"{'pipeline':<26}{'model':<7}{'ampfn (us)':>24}{'by hand (us)':>24}{'diff (us)':>22}{'ratio':>24}"
+    )
+    results: list[dict[str, Any]] = []
+    for name in args.pipelines.split(","):
+        for size in args.sizes.split(","):
+            c, extra = run_pair(name, size, args)
             print(
-                f"{name:<26}{size:<7}{ours * 1e6:>9.0f}us{hand * 1e6:>9.0f}us{ratio:>8.3f}"
+                f"{name:<26}{size:<7}{c.ours.fmt(1e6):>24}{c.theirs.fmt(1e6):>24}"
+                f"{c.diff.fmt(1e6):>22}{c.ratio.fmt(1, 3):>24}"
+            )
+            for label, info in extra.items():
+                breaks = "; ".join(
+                    f"{k.split(' | ')[0]} x{v}"
+                    for k, v in sorted(info["breaks"].items())
+                )
+                print(
+                    f"    {label:<8} compile {info['compile_s']:.1f} s, {info['graphs']} graphs, breaks: {breaks}"
+                )
+            results.append(
+                {
+                    "pipeline": name,
+                    "model": size,
+                    "ours_us": c.ours.median * 1e6,
+                    "hand_us": c.theirs.median * 1e6,
+                    "diff_us": [c.diff.median * 1e6, c.diff.q1 * 1e6, c.diff.q3 * 1e6],
+                    "ratio": [c.ratio.median, c.ratio.q1, c.ratio.q3],
+                    **({"compile": extra} if extra else {}),
+                }
             )
     cost, heavy = import_cost()
     print(
         f"import ampfn after torch: {cost * 1e3:.1f} ms (median of 7 fresh interpreters); "
         f"optional backends imported: {', '.join(heavy) or 'none'}"
     )
+    out = {
+        "device": args.device,
+        "mode": mode,
+        "rounds": args.rounds,
+        "results": results,
+        "import_ms": cost * 1e3,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
 
 
 if __name__ == "__main__":

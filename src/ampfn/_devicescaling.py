@@ -161,9 +161,6 @@ class SyncFreeScaling(Scaling):
         return scale
 
     def scale(self, loss: torch.Tensor, loss_id: int) -> torch.Tensor:
-        if self.unscaled or self.stale:
-            self.restart_or_refuse()
-        self.seen_backward = True
         if not self.scaler._enabled:
             return loss
         scale = self._scale(loss.device)
@@ -366,7 +363,6 @@ class ApexScaling(Scaling):
 
     def scale(self, loss: torch.Tensor, loss_id: int) -> torch.Tensor:
         ls = self._loss(loss_id)
-        self.seen_backward = True
         params = self._params()
         self._stash = [
             p.grad for p in params

@@ -235,10 +235,10 @@ def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         >>> w.data
         tensor([0.5000])
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        check_optimizer(optimizer, "ampfn.step(optimizer)")
     plan = getattr(local, "plan", None)
-    if plan is None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            check_optimizer(optimizer, "ampfn.step(optimizer)")
+    if plan is None or plan.plain_step:
         optimizer.step(*args, **kwargs)
         return True
     return plan.step(optimizer, args, kwargs)

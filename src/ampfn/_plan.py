@@ -18,6 +18,7 @@ inner layer then activates the union of both plans, built once per pair and cach
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -30,7 +31,6 @@ from ampfn._effects import (
     Handler,
     _check_loss,
     check_loss_id,
-    check_optimizer,
     local,
 )
 
@@ -100,7 +100,7 @@ def autocast_off(off: tuple[str, ...], fn: Callable[..., Any], *args: Any) -> An
     if not off:
         return fn(*args)
     dev, rest = off[0], off[1:]
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         with torch.autocast(dev, enabled=False):
             return autocast_off(rest, fn, *args) if rest else fn(*args)
     was = torch.is_autocast_enabled(dev)
@@ -115,6 +115,7 @@ class Engine:
     """The built-in effects of one plan, as one fixed sequence of calls."""
 
     __slots__ = (
+        "_bare",
         "after_step",
         "masters",
         "observers",
@@ -143,6 +144,7 @@ class Engine:
             f.after_step for f in fragments if f.after_step is not None
         )
         self.observers = tuple(f.observer for f in fragments if f.observer is not None)
+        self._bare: Engine | None = None
         self.plain_step = not (
             self.masters
             or self.rounding
@@ -154,31 +156,55 @@ class Engine:
     # --- backward and grad -------------------------------------------------------------
 
     def backward(self, loss: torch.Tensor, kwargs: dict[str, Any]) -> None:
-        if not isinstance(loss, torch.Tensor):
-            _check_loss(loss)
         loss_id = (
             check_loss_id(kwargs.pop("loss_id"))
             if kwargs and "loss_id" in kwargs
             else 0
         )
-        autocast_off(self.off, self._backward, loss, loss_id, kwargs)
-
-    def _backward(
-        self, loss: torch.Tensor, loss_id: int, kwargs: dict[str, Any]
-    ) -> None:
-        sc = self.scaling
-        if sc is None:
-            loss.backward(**kwargs)  # type: ignore[no-untyped-call]
+        if not isinstance(loss, torch.Tensor):
+            _check_loss(loss)
+        off = self.off
+        if off:
+            if len(off) > 1 or torch.compiler.is_dynamo_compiling():
+                # several device types, or traced: nested torch.autocast(enabled=False)
+                # (dynamo cannot trace a flip of the flag inside a traced autocast region)
+                kwargs["loss_id"] = loss_id
+                autocast_off(off, self.bare().backward, loss, kwargs)
+                return
+            # eager, one device type: flip the thread-local flag, which is what a nested
+            # torch.autocast(enabled=False) does, without its construction cost
+            dev = off[0]
+            was = torch.is_autocast_enabled(dev)
+            torch.set_autocast_enabled(dev, False)
+        try:
+            sc = self.scaling
+            if sc is None:
+                loss.backward(**kwargs)  # type: ignore[no-untyped-call]
+            else:
+                if sc.unscaled or sc.stale:
+                    sc.restart_or_refuse()
+                sc.seen_backward = True
+                direct = sc.direct_scale  # GradScaler.scale: nothing else to do first
+                scaled = direct(loss) if direct is not None else sc.scale(loss, loss_id)
+                scaled.backward(**kwargs)
             for m in self.masters:
                 m.collect()
-        else:
-            sc.scale(loss, loss_id).backward(**kwargs)
-            for m in self.masters:
-                m.collect()
-            if sc.per_backward:
+            if sc is not None and sc.per_backward:
                 sc.after_backward(loss_id)
+        finally:
+            if off:
+                torch.set_autocast_enabled(dev, was)
         for o in self.observers:
             o.on_backward(sc, loss_id)
+
+    def bare(self) -> Engine:
+        """This engine without autocast off (the caller turned it off already)."""
+        if self._bare is None:
+            bare = copy.copy(self)
+            bare.off = ()
+            bare._bare = bare
+            self._bare = bare
+        return self._bare
 
     def grad(
         self, outputs: Any, inputs: Any, kwargs: dict[str, Any]
@@ -197,8 +223,6 @@ class Engine:
     def step(
         self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            check_optimizer(optimizer, "ampfn.step(optimizer)")
         sc = self.scaling
         if self.plain_step:
             if sc is None:
@@ -239,7 +263,17 @@ class Engine:
             self.scaling.unscale(optimizer)
         for m in self.masters:
             parameters = m.clip_params(parameters)
-        norm = autocast_off(self.off, _clip, parameters, max_norm, kwargs)
+        off = self.off
+        if not off or len(off) > 1 or torch.compiler.is_dynamo_compiling():
+            norm = autocast_off(off, _clip, parameters, max_norm, kwargs)
+        else:
+            dev = off[0]
+            was = torch.is_autocast_enabled(dev)
+            torch.set_autocast_enabled(dev, False)
+            try:
+                norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm, **kwargs)
+            finally:
+                torch.set_autocast_enabled(dev, was)
         for o in self.observers:
             o.on_clip(norm)
         return norm  # type: ignore[no-any-return]
@@ -277,6 +311,7 @@ class Plan:
         "engine",
         "fragments",
         "grad",
+        "plain_step",
         "step",
         "unscale_",
     )
@@ -287,6 +322,13 @@ class Plan:
         handlers = tuple(f.handler for f in fragments if f.handler is not None)
         for effect in EFFECTS:
             setattr(self, effect, _chain(handlers, effect, getattr(engine, effect)))
+        self.step: Callable[..., Any]
+        # ampfn.step goes straight to optimizer.step, or to the scaler's step, when
+        # nothing else takes part in the step
+        direct = self.step == engine.step and engine.plain_step
+        self.plain_step = direct and engine.scaling is None
+        if direct and engine.scaling is not None:
+            self.step = engine.scaling.step
         self._outer: Plan | None = None
         self._merged: Plan = self
 

@@ -20,7 +20,8 @@ all-reduced so that every rank takes the same one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -78,6 +79,20 @@ def install_guard() -> None:
         _GUARD.append(register_optimizer_step_pre_hook(_guard))
 
 
+@contextlib.contextmanager
+def guard_suspended() -> Iterator[None]:
+    """Without the guard hook for a while: benchmarks/ times hand-written loops exactly
+    as they run in a process that never imported ampfn."""
+    installed = bool(_GUARD)
+    if installed:
+        _GUARD.pop().remove()
+    try:
+        yield
+    finally:
+        if installed:
+            install_guard()
+
+
 # ------------------------------------------------------------------ shared bookkeeping
 
 
@@ -131,6 +146,7 @@ class Scaling:
     """
 
     per_backward = False  # True: unscale after each backward (Apex's way)
+    direct_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, api: str, sync_ranks: bool | None) -> None:
         self.api = api
@@ -255,6 +271,7 @@ class GradScalerScaling(Scaling):
     ) -> None:
         super().__init__(api, sync_ranks)
         self.scaler = scaler
+        self.direct_scale = scaler.scale  # the engine scales the loss with it directly
         self.together = together if len(together) > 1 else ()
         self.bounds = bounds
 
@@ -289,9 +306,6 @@ class GradScalerScaling(Scaling):
     # --- the effects --------------------------------------------------------------------
 
     def scale(self, loss: torch.Tensor, loss_id: int) -> torch.Tensor:
-        if self.unscaled or self.stale:
-            self.restart_or_refuse()
-        self.seen_backward = True
         return self.scaler.scale(loss)  # type: ignore[no-any-return]
 
     def grad(
@@ -311,7 +325,9 @@ class GradScalerScaling(Scaling):
     def step(
         self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> bool:
-        self.check_step(optimizer)
+        key = id(optimizer)
+        if not self.seen_backward or key in self.stepped:
+            self.check_step(optimizer)
         if self.together or (self.sync_ranks is not False and self.ranks()):
             self.agree(optimizer)
         duck = not isinstance(optimizer, torch.optim.Optimizer)
@@ -325,7 +341,12 @@ class GradScalerScaling(Scaling):
             self.scaler.step(optimizer, *args, **kwargs)
         finally:
             self.sanctioned = False
-        self.stepped_now(optimizer)
+        self.stepped.add(key)
+        self.any_step = True
+        if self.unscaled:
+            self.unscaled.pop(key, None)
+        if self.stale:
+            self.stale.pop(key, None)
         if duck:
             return not overflow
         found, self.found = self.found, None
@@ -361,21 +382,30 @@ class GradScalerScaling(Scaling):
     def finish(self, failed: bool) -> None:
         """End one call: update the scale once if anything stepped (after an exception
         too, never hiding the step's own exception behind the scaler's)."""
-        updated = self.any_step
-        if updated:
-            try:
-                self.scaler.update()
-                if self.bounds is not None and self.scaler._scale is not None:
-                    self.scaler._scale.clamp_(*self.bounds)
-            except Exception:
-                if not failed:
-                    raise
-        elif failed:
-            states = getattr(self.scaler, "_per_optimizer_states", None)
-            if isinstance(states, dict):
-                for key in self.unscaled:
-                    states.pop(key, None)
-        self.end_call(failed, updated)
+        if not self.any_step:
+            if failed:
+                states = getattr(self.scaler, "_per_optimizer_states", None)
+                if isinstance(states, dict):
+                    for key in self.unscaled:
+                        states.pop(key, None)
+            self.end_call(failed, False)
+            return
+        try:
+            self.scaler.update()
+            if self.bounds is not None and self.scaler._scale is not None:
+                self.scaler._scale.clamp_(*self.bounds)
+        except Exception:
+            if not failed:
+                raise
+        # end_call(failed, updated=True), inline: this runs after every step
+        self.seen_backward = self.any_step = False
+        self.stepped.clear()
+        if self.unscaled:
+            self.unscaled.clear()
+        if self.stale:
+            self.stale.clear()
+        if self.agreed:
+            self.agreed.clear()
 
 
 def default_scaler() -> torch.amp.GradScaler:
