@@ -184,7 +184,9 @@ def run_pair(
             ctx = _hand_context() if label == "by hand" else contextlib.nullcontext()
             with ctx:
                 start = time.perf_counter()
-                reasons, graphs = graph_breaks(functools.partial(_warm_up, fn, data[:2]))
+                reasons, graphs = graph_breaks(
+                    functools.partial(_warm_up, fn, data[:2])
+                )
                 extra[label] = {
                     "compile_s": time.perf_counter() - start,
                     "graphs": graphs,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from collections.abc import Callable
@@ -169,10 +168,20 @@ def _run_fp32(
         cast_floating(kwargs, torch.float32),
     )
     floating_devices((args, kwargs), devices)
-    with contextlib.ExitStack() as stack:
-        for device_type in devices:
-            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return _autocast_disabled(sorted(devices), fn, args, kwargs)
+
+
+def _autocast_disabled(
+    devices: list[str],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``fn`` under nested ``torch.autocast(device, enabled=False)`` (which dynamo traces)."""
+    if not devices:
         return fn(*args, **kwargs)
+    with torch.autocast(devices[0], enabled=False):
+        return _autocast_disabled(devices[1:], fn, args, kwargs)
 
 
 class FP32Island(nn.Module):

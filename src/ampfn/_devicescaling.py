@@ -138,6 +138,8 @@ class SyncFreeScaling(Scaling):
         super().__init__(api, sync_ranks)
         self.scaler = scaler
         self.founds: dict[int, torch.Tensor] = {}
+        if scaler._enabled and scaler._scale is None:  # now, not inside a traced step
+            scaler._lazy_init_scale_growth_tracker(torch.device(scaler._device))
 
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Union, cast
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
@@ -311,6 +311,4 @@ def clip_grad_norm_(
     plan = getattr(local, "plan", None)
     if plan is None:
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, **kwargs)
-    return cast(
-        torch.Tensor, plan.clip_grad_norm_(parameters, max_norm, optimizer, kwargs)
-    )
+    return plan.clip_grad_norm_(parameters, max_norm, optimizer, kwargs)  # type: ignore[no-any-return]

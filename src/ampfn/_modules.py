@@ -95,16 +95,33 @@ def patch_forward(
     """Make ``model`` cast floating inputs to ``input_dtype`` and outputs to ``output_dtype``.
 
     Like Apex, this sets ``model.forward`` on the instance, so the user's data pipeline
-    and loss code stay unchanged.
+    and loss code stay unchanged. Tensor arguments are cast in place of the general walk
+    (the common case, in one frame); containers go through :func:`cast_floating`.
     """
     old: Callable[..., Any] = model.forward
 
     @functools.wraps(old)
     def forward(*args: Any, **kwargs: Any) -> Any:
+        cast_args = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if a.is_floating_point() and a.dtype != input_dtype:
+                    a = a.to(input_dtype)
+            elif isinstance(a, (tuple, list, dict)):
+                a = cast_floating(a, input_dtype)
+            cast_args.append(a)
         out = old(
-            *cast_floating(args, input_dtype), **cast_floating(kwargs, input_dtype)
+            *cast_args, **(cast_floating(kwargs, input_dtype) if kwargs else kwargs)
         )
-        return out if output_dtype is None else cast_floating(out, output_dtype)
+        if output_dtype is None:
+            return out
+        if isinstance(out, torch.Tensor):
+            return (
+                out.to(output_dtype)
+                if out.is_floating_point() and out.dtype != output_dtype
+                else out
+            )
+        return cast_floating(out, output_dtype)
 
     model.forward = forward
 

@@ -18,7 +18,6 @@ inner layer then activates the union of both plans, built once per pair and cach
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -93,14 +92,16 @@ def _single(fragments: tuple[Fragment, ...], field: str, what: str) -> Any:
 def autocast_off(off: tuple[str, ...], fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` with autocast off on the device types ``off``.
 
-    Eager code flips the thread-local flag (what a nested ``torch.autocast(enabled=False)``
-    does, without its construction cost); traced code uses the context manager, since
-    dynamo cannot trace a flip of the flag inside a traced autocast region.
+    Where a transform's wrapper entered autocast in eager code (``local.traced_autocast``
+    is False), this flips the thread-local flag, which is what a nested
+    ``torch.autocast(enabled=False)`` does without its construction cost, and which
+    dynamo traces without extra graphs. Where the autocast region is itself being traced,
+    dynamo cannot follow a flip of the flag, and this nests the context manager instead.
     """
     if not off:
         return fn(*args)
     dev, rest = off[0], off[1:]
-    if torch.compiler.is_dynamo_compiling():
+    if getattr(local, "traced_autocast", True):
         with torch.autocast(dev, enabled=False):
             return autocast_off(rest, fn, *args) if rest else fn(*args)
     was = torch.is_autocast_enabled(dev)
@@ -126,9 +127,13 @@ class Engine:
         "step_via",
     )
 
-    def __init__(self, fragments: tuple[Fragment, ...]) -> None:
-        self.off = tuple(
-            dict.fromkeys(f.autocast_off for f in fragments if f.autocast_off)
+    def __init__(self, fragments: tuple[Fragment, ...], *, bare: bool = False) -> None:
+        self.off: tuple[str, ...] = (
+            ()
+            if bare
+            else tuple(
+                dict.fromkeys(f.autocast_off for f in fragments if f.autocast_off)
+            )
         )
         self.scaling = _single(fragments, "scaling", "loss-scaling transforms")
         self.masters = tuple(f.masters for f in fragments if f.masters is not None)
@@ -144,7 +149,8 @@ class Engine:
             f.after_step for f in fragments if f.after_step is not None
         )
         self.observers = tuple(f.observer for f in fragments if f.observer is not None)
-        self._bare: Engine | None = None
+        # the same engine without autocast off, for callers that turned it off already
+        self._bare: Engine = Engine(fragments, bare=True) if self.off else self
         self.plain_step = not (
             self.masters
             or self.rounding
@@ -165,14 +171,12 @@ class Engine:
             _check_loss(loss)
         off = self.off
         if off:
-            if len(off) > 1 or torch.compiler.is_dynamo_compiling():
-                # several device types, or traced: nested torch.autocast(enabled=False)
-                # (dynamo cannot trace a flip of the flag inside a traced autocast region)
+            if len(off) > 1 or getattr(local, "traced_autocast", True):
+                # several device types, or a traced autocast region: see autocast_off
                 kwargs["loss_id"] = loss_id
-                autocast_off(off, self.bare().backward, loss, kwargs)
+                autocast_off(off, self._bare.backward, loss, kwargs)
                 return
-            # eager, one device type: flip the thread-local flag, which is what a nested
-            # torch.autocast(enabled=False) does, without its construction cost
+            # one device type, autocast entered in eager code: flip the flag (autocast_off)
             dev = off[0]
             was = torch.is_autocast_enabled(dev)
             torch.set_autocast_enabled(dev, False)
@@ -184,8 +188,8 @@ class Engine:
                 if sc.unscaled or sc.stale:
                     sc.restart_or_refuse()
                 sc.seen_backward = True
-                direct = sc.direct_scale  # GradScaler.scale: nothing else to do first
-                scaled = direct(loss) if direct is not None else sc.scale(loss, loss_id)
+                # GradScaler.scale, called as hand-written code calls it
+                scaled = sc.scaler.scale(loss) if sc.direct else sc.scale(loss, loss_id)
                 scaled.backward(**kwargs)
             for m in self.masters:
                 m.collect()
@@ -196,15 +200,6 @@ class Engine:
                 torch.set_autocast_enabled(dev, was)
         for o in self.observers:
             o.on_backward(sc, loss_id)
-
-    def bare(self) -> Engine:
-        """This engine without autocast off (the caller turned it off already)."""
-        if self._bare is None:
-            bare = copy.copy(self)
-            bare.off = ()
-            bare._bare = bare
-            self._bare = bare
-        return self._bare
 
     def grad(
         self, outputs: Any, inputs: Any, kwargs: dict[str, Any]
@@ -264,7 +259,7 @@ class Engine:
         for m in self.masters:
             parameters = m.clip_params(parameters)
         off = self.off
-        if not off or len(off) > 1 or torch.compiler.is_dynamo_compiling():
+        if not off or len(off) > 1 or getattr(local, "traced_autocast", True):
             norm = autocast_off(off, _clip, parameters, max_norm, kwargs)
         else:
             dev = off[0]
@@ -383,6 +378,8 @@ def build(
             if autocast is None:
                 out = step(*args, **kwargs)
             else:
+                # whether this autocast region is entered in eager code (see autocast_off)
+                local.traced_autocast = torch.compiler.is_dynamo_compiling()
                 with torch.autocast(dev, dtype=dtype, **ac_kwargs):
                     out = step(*args, **kwargs)
             if outputs is not None:

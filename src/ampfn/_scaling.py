@@ -146,7 +146,7 @@ class Scaling:
     """
 
     per_backward = False  # True: unscale after each backward (Apex's way)
-    direct_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
+    direct = False  # True: the engine scales the loss with self.scaler.scale itself
 
     def __init__(self, api: str, sync_ranks: bool | None) -> None:
         self.api = api
@@ -271,7 +271,7 @@ class GradScalerScaling(Scaling):
     ) -> None:
         super().__init__(api, sync_ranks)
         self.scaler = scaler
-        self.direct_scale = scaler.scale  # the engine scales the loss with it directly
+        self.direct = True
         self.together = together if len(together) > 1 else ()
         self.bounds = bounds
 

@@ -1,0 +1,345 @@
+"""torch.compile of wrapped steps: no graph-break reason that the identical hand-written
+step lacks, no more graphs, no recompiles from one step to the next.
+
+Protocol, the same for ampfn and for the hand-written step: one eager warm-up step
+(optimizer state and the loss scale exist afterwards, as in any run after its first
+step), then compiled steps with the ``aot_eager`` backend, collecting dynamo's reasons
+(``counters["graph_break"]`` and the frames it skipped whole, ``counters["unimplemented"]``,
+keyed by their first two lines); then more steps with ``error_on_recompile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ampfn
+from ampfn._scaling import guard_suspended
+from helpers import Batch, batches, mlp, params_equal
+
+Step = Callable[[Batch], Any]
+
+# Warnings dynamo raises from its own internals while tracing (it touches
+# torch.jit.script_method in torch.optim, and reads .grad of the tensors it tracks);
+# hand-written and ampfn steps alike. Anything else still fails the test.
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+    ),
+    pytest.mark.filterwarnings(
+        "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning"
+    ),
+]
+
+
+def reasons_of(counters: Any) -> set[str]:
+    out = set()
+    for group in ("graph_break", "unimplemented"):
+        for key in counters[group]:
+            lines = key.splitlines()
+            out.add(" | ".join(line.strip() for line in lines[:2]))
+    return out
+
+
+@contextlib.contextmanager
+def recompiles_are_errors() -> Iterator[None]:
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        yield
+
+
+def compiled_run(
+    step: Step, data: list[Batch], *, hand: bool = False
+) -> tuple[set[str], int]:
+    """Warm up eagerly, compile, run: the reasons, the number of graphs; then no recompiles."""
+    from torch._dynamo.utils import counters
+
+    ctx = guard_suspended() if hand else contextlib.nullcontext()
+    with ctx:
+        step(data[0])
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(step, backend="aot_eager")
+        for b in data[1:3]:
+            compiled(b)
+        reasons, graphs = reasons_of(counters), int(counters["stats"]["unique_graphs"])
+        with recompiles_are_errors():
+            for b in data[3:]:
+                compiled(b)
+    return reasons, graphs
+
+
+# --------------------------------------------------------------------------- the pairs
+
+
+def by_hand(
+    model: nn.Module,
+    dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+    opt: torch.optim.Optimizer,
+) -> Step:
+    def step(b: Batch) -> torch.Tensor:
+        with torch.autocast(
+            "cpu", dtype=dtype or torch.float32, enabled=dtype is not None
+        ):
+            loss = F.cross_entropy(model(b[0]).float(), b[1])
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def with_effects(model: nn.Module, opt: Any) -> Step:
+    def step(b: Batch) -> torch.Tensor:
+        loss = F.cross_entropy(model(b[0]).float(), b[1])
+        ampfn.backward(loss)
+        ampfn.step(opt)
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+class Island(nn.Module):
+    """A model with an fp32 island: the loss head as ampfn.fp32, or written by hand."""
+
+    def __init__(self, by_hand: bool) -> None:
+        super().__init__()
+        self.body = mlp()
+        self.by_hand = by_hand
+        self.head = nn.Linear(3, 3)
+        if not by_hand:
+            self.island = ampfn.fp32(self.head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        if self.by_hand:
+            with torch.autocast("cpu", enabled=False):
+                return self.head(h.float())  # type: ignore[no-any-return]
+        return self.island(h)  # type: ignore[no-any-return]
+
+
+def gs() -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+
+
+def sgd(m: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+
+
+PIPELINES: dict[str, Callable[[], tuple[Step, Step]]] = {}
+
+
+def pipeline(
+    name: str,
+) -> Callable[[Callable[[], tuple[Step, Step]]], Callable[[], tuple[Step, Step]]]:
+    def register(f: Callable[[], tuple[Step, Step]]) -> Callable[[], tuple[Step, Step]]:
+        PIPELINES[name] = f
+        return f
+
+    return register
+
+
+@pipeline("autocast bf16")
+def _bf16() -> tuple[Step, Step]:
+    m, h = mlp(), mlp()
+    return ampfn.with_autocast("bf16", "cpu")(with_effects(m, sgd(m))), by_hand(
+        h, torch.bfloat16, None, sgd(h)
+    )
+
+
+@pipeline("autocast fp16")
+def _fp16() -> tuple[Step, Step]:
+    m, h = mlp(), mlp()
+    return ampfn.with_autocast("fp16", "cpu")(with_effects(m, sgd(m))), by_hand(
+        h, torch.float16, None, sgd(h)
+    )
+
+
+@pipeline("grad scaling")
+def _scaling() -> tuple[Step, Step]:
+    m, h = mlp(), mlp()
+    return ampfn.with_grad_scaling(gs())(with_effects(m, sgd(m))), by_hand(
+        h, None, gs(), sgd(h)
+    )
+
+
+@pipeline("fp16 + grad scaling")
+def _composed() -> tuple[Step, Step]:
+    m, h = mlp(), mlp()
+    t = ampfn.compose(ampfn.with_grad_scaling(gs()), ampfn.with_autocast("fp16", "cpu"))
+    return t(with_effects(m, sgd(m))), by_hand(h, torch.float16, gs(), sgd(h))
+
+
+@pipeline("fp16 + grad scaling, fp32 island")
+def _island() -> tuple[Step, Step]:
+    m, h = Island(by_hand=False), Island(by_hand=True)
+    t = ampfn.compose(ampfn.with_grad_scaling(gs()), ampfn.with_autocast("fp16", "cpu"))
+    return t(with_effects(m, sgd(m))), by_hand(h, torch.float16, gs(), sgd(h))
+
+
+@pipeline("apex O1")
+def _o1() -> tuple[Step, Step]:
+    m, h = mlp(), mlp()
+    o = sgd(m)
+    apex_like = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2000)
+    return ampfn.with_apex("O1", m, o, backend="native")(with_effects(m, o)), by_hand(
+        h, torch.float16, apex_like, sgd(h)
+    )
+
+
+def _fp16_masters_by_hand(h: nn.Module, scaler: torch.amp.GradScaler | None) -> Step:
+    masters = [p.detach().clone().requires_grad_(True) for p in h.parameters()]
+    opt = torch.optim.SGD(masters, lr=0.05, momentum=0.9)
+    h.half()
+    halves = list(h.parameters())
+
+    def step(b: Batch) -> torch.Tensor:
+        loss = F.cross_entropy(h(b[0].half()).float(), b[1])
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        for p, m in zip(halves, masters, strict=True):
+            m.grad = p.grad.float() if p.grad is not None else None
+            p.grad = None
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        with torch.no_grad():
+            torch._foreach_copy_(halves, masters)
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+@pipeline("apex O2")
+def _o2() -> tuple[Step, Step]:
+    m, h = mlp(), mlp()
+    o = sgd(m)
+    apex_like = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2000)
+    return ampfn.with_apex("O2", m, o, backend="native")(
+        with_effects(m, o)
+    ), _fp16_masters_by_hand(h, apex_like)
+
+
+@pipeline("apex O3")
+def _o3() -> tuple[Step, Step]:
+    m, h = mlp(), mlp()
+    o = sgd(m)
+    ours = ampfn.with_apex("O3", m, o, backend="native")(with_effects(m, o))
+    h.half()
+    ho = sgd(h)
+
+    def hand(b: Batch) -> torch.Tensor:
+        loss = F.cross_entropy(h(b[0].half()).float(), b[1])
+        loss.backward()
+        ho.step()
+        ho.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return ours, hand
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_compiled_steps_add_no_graph_break_reason(name: str) -> None:
+    ours, hand = PIPELINES[name]()
+    data = batches(6)
+    hand_reasons, hand_graphs = compiled_run(hand, data, hand=True)
+    our_reasons, our_graphs = compiled_run(ours, data)
+    assert our_reasons <= hand_reasons, f"added: {our_reasons - hand_reasons}"
+    assert our_graphs <= hand_graphs
+
+
+# --------------------------------------------------------------------------- sync-free
+
+
+GRADSCALER_REASONS = (
+    "GradScaler.scale",
+    "GradScaler.step",
+    "GradScaler.update",
+    "GradScaler.unscale_",
+)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    ],
+    ids=["SGD", "Adam"],
+)
+def test_sync_free_compiles_without_gradscalers_breaks_nor_recompiles_across_a_skip(
+    make_opt: Any,
+) -> None:
+    model, ref = mlp(), mlp()
+    opt, ref_opt = make_opt(model.parameters()), make_opt(ref.parameters())
+    scaler, ref_scaler = gs(), gs()
+    poison_at = {4}
+
+    @ampfn.compose(
+        ampfn.with_grad_scaling(scaler, sync=False), ampfn.with_autocast("fp16", "cpu")
+    )
+    def train_step(b: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y, overflow = (
+            b  # an overflow is data (1.0 or inf), so no recompile is needed
+        )
+        loss = F.cross_entropy(model(x).float(), y) * overflow
+        ampfn.backward(loss)
+        stepped = ampfn.step(opt)
+        opt.zero_grad(set_to_none=True)
+        return stepped  # type: ignore[no-any-return]
+
+    data = [
+        (x, y, torch.tensor(float("inf") if i in poison_at else 1.0))
+        for i, (x, y) in enumerate(batches(8))
+    ]
+    reasons, _ = compiled_run(train_step, data)  # type: ignore[arg-type]
+    assert not [r for r in reasons if any(g in r for g in GRADSCALER_REASONS)], reasons
+    assert not [r for r in reasons if "item()" in r or "__bool__" in r], reasons
+    # the same run eagerly with GradScaler: identical parameters, state and scale
+    for x, y, overflow in data:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(ref(x).float(), y) * overflow
+        ref_scaler.scale(loss).backward()
+        ref_scaler.step(ref_opt)
+        ref_scaler.update()
+        ref_opt.zero_grad(set_to_none=True)
+    assert (
+        scaler.state_dict() == ref_scaler.state_dict()
+    )  # the same skips, the same scale
+    if isinstance(opt, torch.optim.SGD):
+        assert params_equal(model, ref)
+    else:  # dynamo's Adam keeps its step count as a tensor: bias correction rounds differently
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_model_inside_a_wrapped_step_keeps_working() -> None:
+    model, ref = mlp(), mlp()
+    compiled_model = torch.compile(copy.deepcopy(model), backend="aot_eager")
+    opt = torch.optim.SGD(compiled_model.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    t = ampfn.compose(ampfn.with_grad_scaling(gs()), ampfn.with_autocast("bf16", "cpu"))
+    step, ref_step = t(with_effects(compiled_model, opt)), t(with_effects(ref, ref_opt))
+    for b in batches(3):
+        torch.testing.assert_close(step(b), ref_step(b))
+    # no ampfn frame inside the model's graph: its code never calls ampfn
+    assert params_equal(compiled_model, ref)
