@@ -205,7 +205,7 @@ def _fp16_masters_by_hand(h: nn.Module, scaler: torch.amp.GradScaler | None) -> 
     masters = [p.detach().clone().requires_grad_(True) for p in h.parameters()]
     opt = torch.optim.SGD(masters, lr=0.05, momentum=0.9)
     h.half()
-    halves = list(h.parameters())
+    halves: list[torch.Tensor] = list(h.parameters())
 
     def step(b: Batch) -> torch.Tensor:
         loss = F.cross_entropy(h(b[0].half()).float(), b[1])
@@ -334,7 +334,7 @@ def test_sync_free_compiles_without_gradscalers_breaks_nor_recompiles_across_a_s
 
 def test_a_compiled_model_inside_a_wrapped_step_keeps_working() -> None:
     model, ref = mlp(), mlp()
-    compiled_model = torch.compile(copy.deepcopy(model), backend="aot_eager")
+    compiled_model: Any = torch.compile(copy.deepcopy(model), backend="aot_eager")
     opt = torch.optim.SGD(compiled_model.parameters(), lr=0.05)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
     t = ampfn.compose(ampfn.with_grad_scaling(gs()), ampfn.with_autocast("bf16", "cpu"))
