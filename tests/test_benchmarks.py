@@ -1,0 +1,59 @@
+"""benchmarks/ runs: a smoke run of each script (no timing is asserted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def _benchmarks_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
+def test_bench_compares_every_pipeline_with_its_hand_written_loop() -> None:
+    import bench
+
+    out = bench.main(["--quick", "--sizes", "tiny", "--rounds", "3"])
+    assert [r["pipeline"] for r in out["results"]] == list(bench.PAIRS)
+    for r in out["results"]:
+        assert r["ours_us"] > 0
+        assert r["hand_us"] > 0
+        lo, mid, hi = r["ratio"][1], r["ratio"][0], r["ratio"][2]
+        assert lo <= mid <= hi
+
+
+def test_gpt_benchmark_runs_every_precision_on_a_tiny_config() -> None:
+    import gpt
+
+    results = gpt.main(
+        [
+            "--config",
+            "tiny",
+            "--steps",
+            "2",
+            "--rounds",
+            "1",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert [r["precision"] for r in results] == list(gpt.PRECISIONS)
+    assert all(r["ampfn tok/s"] > 0 for r in results)
+    assert all(r["by hand tok/s"] > 0 for r in results)
+
+
+def test_harness_statistics() -> None:
+    from harness import Stat, compare
+
+    s = Stat.of([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert s.median == 3.0
+    assert s.q1 < 3.0 < s.q3
+    c = compare({"a": [2.0, 4.0, 6.0, 8.0], "b": [1.0, 2.0, 3.0, 4.0]}, "a", "b")
+    assert c.ratio.median == 2.0
+    assert c.diff.median == 2.5
