@@ -187,13 +187,12 @@ def measure(
         steps[label] = step
     del base
     g = torch.Generator().manual_seed(1)
-    data = [
-        tuple(
-            torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=g).to(device)
-            for _ in range(2)
+    data: list[Batch] = []
+    for _ in range(args.steps):
+        tokens = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq + 1), generator=g).to(
+            device
         )
-        for _ in range(args.steps)
-    ]
+        data.append((tokens[:, :-1], tokens[:, 1:]))  # next-token targets
     out: dict[str, Any] = {"precision": precision, "mode": mode}
     for label, step in steps.items():
         start = time.perf_counter()
