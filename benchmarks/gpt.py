@@ -88,7 +88,9 @@ class GPT(nn.Module):
 
 def loss_of(model: nn.Module, batch: Batch) -> torch.Tensor:
     logits = model(batch[0])
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), batch[1].view(-1))
+    return F.cross_entropy(
+        logits.float().view(-1, logits.shape[-1]), batch[1].reshape(-1)
+    )
 
 
 # --------------------------------------------------------------------------- the two steps
@@ -192,7 +194,7 @@ def measure(
         tokens = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq + 1), generator=g).to(
             device
         )
-        data.append((tokens[:, :-1], tokens[:, 1:]))  # next-token targets
+        data.append((seq[:, :-1], seq[:, 1:]))  # next-token targets
     out: dict[str, Any] = {"precision": precision, "mode": mode}
     for label, step in steps.items():
         start = time.perf_counter()
