@@ -191,9 +191,8 @@ def measure(
     g = torch.Generator().manual_seed(1)
     data: list[Batch] = []
     for _ in range(args.steps):
-        tokens = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq + 1), generator=g).to(
-            device
-        )
+        seq = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq + 1), generator=g)
+        seq = seq.to(device)
         data.append((seq[:, :-1], seq[:, 1:]))  # next-token targets
     out: dict[str, Any] = {"precision": precision, "mode": mode}
     for label, step in steps.items():
