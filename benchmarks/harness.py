@@ -56,9 +56,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_loop(loop: Loop, batches: Sequence[Any], device: str) -> float:
-    """Seconds per step of ``loop`` over ``batches``: thread CPU time, or wall time on CUDA."""
-    if device == "cuda":
+def time_loop(
+    loop: Loop, batches: Sequence[Any], device: str, wall: bool = False
+) -> float:
+    """Seconds per step of ``loop`` over ``batches``: thread CPU time, or wall time on CUDA
+    (and where ``wall``: processes that wait for each other in collectives)."""
+    if device == "cuda" or wall:
         _sync(device)
         start = time.perf_counter()
         for b in batches:
@@ -80,6 +83,7 @@ def interleave(
     warmup: int = 3,
     contexts: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]]
     | None = None,
+    wall: bool = False,
 ) -> dict[str, list[float]]:
     """Per loop, its time per step in each round, the order rotating every round.
     ``contexts`` gives a loop a context entered around each of its timings (outside them)."""
@@ -88,7 +92,7 @@ def interleave(
 
     def timed(name: str) -> float:
         with contexts.get(name, contextlib.nullcontext)():
-            return time_loop(loops[name], batches, device)
+            return time_loop(loops[name], batches, device, wall)
 
     for _ in range(warmup):
         for name in names:

@@ -38,3 +38,35 @@ def test_readme_setup_is_two_commands_and_ci_runs_the_test_one() -> None:
 def test_property_testing_example_runs() -> None:
     module = runpy.run_path(str(ROOT / "examples" / "property_test_my_model.py"))
     module["test_fp16_training_is_stable"]()  # type: ignore[operator]
+
+
+def _torchrun(script: str) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(ROOT / "examples" / script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_ddp_example_runs_on_two_processes() -> None:
+    assert "loss scale on every rank: [65536.0, 65536.0]" in _torchrun("ddp.py")
+
+
+def test_fsdp2_example_resumes_bit_for_bit() -> None:
+    assert "bit for bit the same as the uninterrupted run: True" in _torchrun(
+        "fsdp2.py"
+    )

@@ -9,6 +9,7 @@ hypothesis; the transforms that need them import them when built.
 from ampfn._apex import with_apex
 from ampfn._autocast import FP32Island, fp32, with_autocast
 from ampfn._core import Pipeline, Transform, compose, with_handler
+from ampfn._distributed import fsdp_mixed_precision
 from ampfn._effects import Handler, backward, clip_grad_norm_, grad, step, unscale_
 from ampfn._scaling import with_grad_scaling
 from ampfn._state import load_state_dict, loss_scale, state_dict
@@ -25,6 +26,7 @@ __all__ = [
     "clip_grad_norm_",
     "compose",
     "fp32",
+    "fsdp_mixed_precision",
     "grad",
     "load_state_dict",
     "loss_scale",

@@ -1,8 +1,29 @@
-"""torch.distributed helpers: how many ranks run, and the one collective loss scaling needs."""
+"""torch.distributed: how many ranks run, the one collective loss scaling needs, FSDP2's
+mixed-precision policy for ampfn's precision names, and what a scaler must handle when
+gradients are FSDP-sharded.
+
+Skips agree across ranks by construction: the scaling transforms all-reduce (MAX) the
+``found_inf`` of an update's optimizers, in one collective, before deciding (see
+``ampfn._scaling``). With DDP a non-finite value produced in the backward already reaches
+every rank through the gradient all-reduce; the extra collective covers what happens to
+a rank's gradients after it (a rank-local hook or clip, parameters DDP ignores, a
+hardware fault). With FSDP2, GradScaler's unscale kernel already reduces ``found_inf``
+over the mesh (DTensor does it); the collective is then redundant, and cheap.
+"""
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import torch
+
+_NAMES = {
+    "bf16-mixed": (torch.bfloat16, torch.float32),
+    "16-mixed": (torch.float16, torch.float32),
+    "bf16-true": (torch.bfloat16, torch.bfloat16),
+    "32-true": (torch.float32, torch.float32),
+}
 
 
 def world_size() -> int:
@@ -16,3 +37,109 @@ def world_size() -> int:
 def all_reduce_max(found: torch.Tensor) -> None:
     """All-reduce ``found`` (MAX) in place over the default process group, on its device."""
     torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+
+
+def fsdp_mixed_precision(policy: Any) -> Any:
+    """FSDP2's ``MixedPrecisionPolicy`` for an ampfn precision.
+
+    =============== ============== ==============
+    policy          param_dtype    reduce_dtype
+    =============== ============== ==============
+    "bf16-mixed"    bf16           fp32
+    "16-mixed"      fp16           fp32
+    "bf16-true"     bf16           bf16
+    "32-true"       fp32           fp32
+    a dtype ``d``   ``d``          fp32
+    ampfn.Policy    compute dtype  fp32 when mixed, the param dtype when true
+    =============== ============== ==============
+
+    FSDP2 keeps the sharded parameters in their own dtype (fp32 for an fp32 model) and
+    casts them to ``param_dtype`` for the forward and backward, so autocast is optional
+    with it; gradients come back in the parameters' dtype. For fp16 compute keep loss
+    scaling: ``with_grad_scaling()`` (its default GradScaler handles FSDP2's sharded
+    gradients, and all ranks skip together).
+
+    Args:
+        policy: one of the names above, a ``torch.dtype``, or an ``ampfn.Policy``.
+
+    Returns:
+        ``torch.distributed.fsdp.MixedPrecisionPolicy``, to pass to
+        ``fully_shard(module, mp_policy=...)``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones).
+        TypeError: neither a name, a dtype nor a policy.
+
+    Example:
+        >>> import ampfn
+        >>> mp = ampfn.fsdp_mixed_precision("bf16-mixed")
+        >>> mp.param_dtype, mp.reduce_dtype
+        (torch.bfloat16, torch.float32)
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    api = "fsdp_mixed_precision(policy)"
+    output = None
+    if isinstance(policy, str):
+        if policy not in _NAMES:
+            raise ValueError(
+                f"{api}: expected one of {', '.join(map(repr, _NAMES))}, a torch.dtype or an "
+                f"ampfn.Policy, got {policy!r}"
+            )
+        param, reduce = _NAMES[policy]
+    elif isinstance(policy, torch.dtype):
+        if not policy.is_floating_point:
+            raise ValueError(f"{api}: expected a floating dtype, got {policy}")
+        param, reduce = policy, torch.float32
+    elif type(policy).__name__ == "Policy" and hasattr(policy, "compute_dtype"):
+        param = policy.compute_dtype
+        reduce = torch.float32 if policy.is_mixed else policy.param_dtype
+        output = (
+            policy.output_dtype if policy.output_dtype != policy.compute_dtype else None
+        )
+    else:
+        raise TypeError(
+            f"{api}: expected a precision name such as 'bf16-mixed', a torch.dtype or an "
+            f"ampfn.Policy, got {type(policy).__name__}"
+        )
+    return MixedPrecisionPolicy(
+        param_dtype=param, reduce_dtype=reduce, output_dtype=output
+    )
+
+
+def check_sharded_grads(optimizer: Any, scaler: Any, api: str) -> None:
+    """Before an optimizer's first scaled step: gradients that FSDP2 shards (DTensors) must
+    be what the scaler can unscale, or the error says what to change."""
+    tensor_module = sys.modules.get("torch.distributed.tensor")
+    if tensor_module is None:  # nothing made a DTensor in this process
+        return
+    dtensor = tensor_module.DTensor
+    grads = [
+        p.grad
+        for g in optimizer.param_groups
+        for p in g["params"]
+        if p.grad is not None
+    ]
+    sharded = [g for g in grads if isinstance(g, dtensor)]
+    if not sharded:
+        return
+    plain = {(g.device, g.dtype) for g in grads if not isinstance(g, dtensor)}
+    if plain & {(g.device, g.dtype) for g in sharded}:
+        raise ValueError(
+            f"{api}: this optimizer holds both FSDP-sharded (DTensor) and plain gradients of the "
+            "same dtype, which GradScaler cannot unscale together; shard those parameters too "
+            "(fully_shard the modules that own them), or give them their own optimizer"
+        )
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    if (
+        any(g.dtype == torch.float16 for g in sharded)
+        and isinstance(scaler, torch.amp.GradScaler)
+        and not isinstance(scaler, ShardedGradScaler)
+    ):
+        raise ValueError(
+            f"{api}: the FSDP-sharded gradients are fp16, which torch.amp.GradScaler refuses to "
+            "unscale; keep the model's parameters fp32 and let FSDP2 compute in fp16 "
+            "(fully_shard(module, mp_policy=ampfn.fsdp_mixed_precision('16-mixed'))), or pass "
+            "with_grad_scaling(ShardedGradScaler(device)), which unscales fp16 gradients"
+        )

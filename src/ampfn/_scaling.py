@@ -156,6 +156,7 @@ class Scaling:
         self.stale: dict[int, Any] = {}
         self.agreed: set[int] = set()
         self.stepped: set[int] = set()
+        self.checked: set[int] = set()  # optimizers whose gradients were checked once
         self.any_step = False
         self.sanctioned = False
         self.called = False
@@ -176,6 +177,11 @@ class Scaling:
                 "ampfn.step(optimizer): this optimizer already stepped in this call; under loss "
                 "scaling each optimizer steps at most once per call of the wrapped step"
             )
+        if id(optimizer) not in self.checked:
+            from ampfn._distributed import check_sharded_grads
+
+            check_sharded_grads(optimizer, getattr(self, "scaler", None), self.api)
+            self.checked.add(id(optimizer))
 
     def restart_or_refuse(self) -> None:
         """Before a backward: unscaled gradients must not be mixed with scaled ones.
@@ -326,7 +332,7 @@ class GradScalerScaling(Scaling):
         self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> bool:
         key = id(optimizer)
-        if not self.seen_backward or key in self.stepped:
+        if not self.seen_backward or key in self.stepped or key not in self.checked:
             self.check_step(optimizer)
         if self.together or (self.sync_ranks is not False and self.ranks()):
             self.agree(optimizer)

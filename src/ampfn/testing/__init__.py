@@ -31,6 +31,7 @@ except ImportError as e:  # exercised in a subprocess test
 from ampfn.testing._checks import (
     check_matches_reference,
     check_never_nonfinite,
+    check_ranks_agree,
     check_skips_nonfinite,
     check_state_roundtrip,
     default_tolerance,
@@ -53,6 +54,7 @@ __all__ = [
     "batches",
     "check_matches_reference",
     "check_never_nonfinite",
+    "check_ranks_agree",
     "check_skips_nonfinite",
     "check_state_roundtrip",
     "default_tolerance",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,10 +30,16 @@ from hypothesis import strategies as st
 from ampfn._core import Transform, compute_dtype
 from ampfn._effects import Handler
 from ampfn._scaling import find_scaler_state
-from ampfn._state import load_state_dict, state_dict
+from ampfn._state import load_state_dict, loss_scale, state_dict
 from ampfn.testing._strategies import TrialPipeline
 
 Make = Callable[[int], tuple[Callable[[Any], Any], torch.nn.Module, Any]]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (an FSDP2 shard is a DTensor), else the tensor."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 class _Probe(Handler):
@@ -45,6 +52,7 @@ class _Probe(Handler):
     __slots__ = (
         "armed",
         "index",
+        "late",
         "nonfinite",
         "optimizers",
         "poison",
@@ -61,6 +69,7 @@ class _Probe(Handler):
             None  # inject into a gradient during the next backward
         )
         self.armed = False
+        self.late = False  # poison after the backward returns (after DDP's all-reduce)
         self.skip = False  # reference runs: skip the step (the pipeline skipped it)
         self.nonfinite: set[int] = set()
         self.results: list[tuple[int, bool]] = []
@@ -71,21 +80,36 @@ class _Probe(Handler):
                 p.register_post_accumulate_grad_hook(self._poison)  # type: ignore[no-untyped-call]
 
     def _poison(self, param: torch.Tensor) -> None:
-        if self.armed and param.grad is not None:
+        if self.armed and not self.late and param.grad is not None:
             self.armed = False
             with torch.no_grad():
-                param.grad.view(-1)[0] = self.poison  # type: ignore[assignment]
+                _local(param.grad).view(-1)[0] = self.poison  # type: ignore[assignment]
 
     def backward(
         self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
     ) -> None:
         self.armed = self.poison is not None
         proceed(loss, kwargs)
+        if self.armed and self.late:
+            first = next(
+                (
+                    p
+                    for o in self.optimizers
+                    for g in o.param_groups
+                    for p in g["params"]
+                    if p.grad is not None
+                ),
+                None,
+            )
+            if first is not None and first.grad is not None:
+                with torch.no_grad():
+                    _local(first.grad).view(-1)[0] = self.poison  # type: ignore[assignment]
+                self.armed = False
         assert not self.armed, "the step's backward produced no gradient to poison"
         for i, o in enumerate(self.optimizers):
             for g in o.param_groups:
                 for p in g["params"]:
-                    if p.grad is not None and not bool(p.grad.isfinite().all()):
+                    if p.grad is not None and not bool(_local(p.grad).isfinite().all()):
                         self.nonfinite.add(i)
 
     def step(
@@ -113,12 +137,17 @@ class _Trial:
         self.step = Transform("ampfn.testing", handler=self.probe)(self.pipeline)
 
     def run(
-        self, batch: Any, poison: float | None = None, skip: bool = False
+        self,
+        batch: Any,
+        poison: float | None = None,
+        skip: bool = False,
+        late: bool = False,
     ) -> list[tuple[int, bool]]:
         probe = self.probe
-        probe.poison, probe.skip, probe.nonfinite, probe.results = (
+        probe.poison, probe.skip, probe.late, probe.nonfinite, probe.results = (
             poison,
             skip,
+            late,
             set(),
             [],
         )
@@ -485,3 +514,102 @@ def check_state_roundtrip(
             )
 
     _for_each_example(prop, batches, steps, settings)
+
+
+def check_ranks_agree(
+    make: Make,
+    transform: Any,
+    batches: Any,
+    *,
+    steps: int = 4,
+    poison_rank: int = 1,
+    poison_at: int = 2,
+    seed: int = 0,
+    settings: Any = None,
+) -> None:
+    """Every rank takes the same skip decisions and keeps the same parameters and scale,
+    even when one rank's gradients go non-finite after the backward (after DDP's
+    all-reduce: a rank-local hook, a local clip, a hardware fault).
+
+    Every rank of an initialized ``torch.distributed`` process group calls it, with its
+    own ``make`` (which may wrap the model in DDP or shard it with FSDP2) and its own
+    batches. After ``ampfn.backward`` at step ``poison_at``, one gradient entry of
+    ``poison_rank``'s first optimizer is made inf, on that rank only (its local shard,
+    under FSDP2). After every step the ranks exchange (``all_gather_object``) their skip
+    flags, loss scale and full parameters; a difference raises ``AssertionError`` on
+    every rank. A strategy as ``batches`` is drawn derandomized, so that every rank
+    draws the same examples.
+
+    Raises:
+        ValueError: no process group is initialized, or ``poison_rank``/``poison_at`` is
+            out of range.
+    """
+    api = "check_ranks_agree"
+    _validate(
+        api, make, transform, steps=steps, poison_rank=poison_rank, poison_at=poison_at
+    )
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            f"{api}: every rank of an initialized torch.distributed process group calls it, and "
+            "none is initialized (torch.distributed.init_process_group)"
+        )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if poison_rank >= world:
+        raise ValueError(
+            f"{api}: poison_rank must be below the world size {world}, got {poison_rank}"
+        )
+    if poison_at >= steps:
+        raise ValueError(
+            f"{api}: poison_at must be below steps ({steps}), got {poison_at}"
+        )
+    if isinstance(batches, st.SearchStrategy):
+        settings = hypothesis.settings(
+            settings if settings is not None else hypothesis.settings.default,
+            derandomize=True,
+            database=None,
+        )
+
+    def prop(drawn: list[Any]) -> None:
+        trial = _Trial(make, transform, seed)
+        for i, batch in enumerate(drawn[:steps]):
+            poisoned = rank == poison_rank and i == poison_at
+            results = trial.run(batch, float("inf") if poisoned else None, late=True)
+            scale = loss_scale(trial.pipeline)
+            params = _full_params(trial.model)
+            mine = (results, scale, params)
+            everyone: list[Any] = [None] * world
+            dist.all_gather_object(everyone, mine)
+            first = everyone[0]
+            for r, theirs in enumerate(everyone[1:], start=1):
+                if theirs[0] != first[0]:
+                    raise AssertionError(
+                        f"{api}: after step {i}, rank {r}'s ampfn.step results {theirs[0]} differ from "
+                        f"rank 0's {first[0]} (poisoned rank {poison_rank} at step {poison_at})"
+                    )
+                if theirs[1] != first[1]:
+                    raise AssertionError(
+                        f"{api}: after step {i}, rank {r}'s loss scale {theirs[1]} differs from rank 0's {first[1]}"
+                    )
+                diff = _first_difference(first[2], theirs[2], "parameter")
+                if diff is not None:
+                    raise AssertionError(
+                        f"{api}: after step {i}, rank {r} differs from rank 0: {diff}"
+                    )
+
+    _for_each_example(prop, batches, steps, settings)
+
+
+def _full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole parameters, on the CPU: FSDP2's sharded ones are gathered, and so are
+    FSDP1's flat shards (collectives, which every rank runs)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp1 = getattr(fsdp, "FullyShardedDataParallel", None)
+    if fsdp1 is not None and isinstance(model, fsdp1):
+        with fsdp1.summon_full_params(model, writeback=False):
+            return {n: p.detach().clone().cpu() for n, p in model.named_parameters()}
+    out = {}
+    for n, p in model.named_parameters():
+        full = getattr(p, "full_tensor", None)
+        out[n] = (full() if callable(full) else p).detach().cpu()
+    return out

@@ -1,0 +1,606 @@
+"""Two real processes on loopback (gloo, CPU): DDP, FSDP2, FSDP1, checkpoints.
+
+Each worker runs a group of scenarios once per module (starting processes costs seconds)
+and leaves its results in a file; the tests read them. Each rank compares itself with a
+single-process reference trained on the same global batch, and with the other rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import ampfn
+from ampfn import testing
+from helpers import Batch, batches, mlp
+
+WORLD = 2
+STEPS = 5
+POISON_AT = 2
+# fp16 compute on half batches, averaged by the all-reduce, rounds differently from the
+# full batch's mean: 5 steps differ by about 1e-5
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available(), reason="torch.distributed is not available"
+)
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(rank: int, world: int, port: int, name: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    code, results = 0, {}
+    try:
+        results = globals()[name](rank, world, Path(out))
+    except BaseException:
+        code, results = 1, {"error": traceback.format_exc()}
+    finally:
+        torch.save(results, Path(out) / f"{name}.{rank}.pt")
+        gc.collect()  # before destroying the group: avoids an abort at exit after FSDP2
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def launch(name: str, out: Path, timeout: float = 240.0) -> list[dict[str, Any]]:
+    """Run ``name(rank, world, out)`` in WORLD fresh processes; their results, by rank."""
+    ctx = mp.start_processes(
+        _entry,
+        args=(WORLD, _free_port(), name, str(out)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(mp.ProcessExitedException):
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"{name}: the ranks did not finish in {timeout} s")
+    results = []
+    for rank in range(WORLD):
+        path = out / f"{name}.{rank}.pt"
+        assert path.exists(), f"{name}: rank {rank} left no results"
+        r = torch.load(path, weights_only=False)
+        assert "error" not in r, f"{name}: rank {rank} failed:\n{r['error']}"
+        results.append(r)
+    return results
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def global_batches(n: int, poison_row_at: int | None = None) -> list[Batch]:
+    data = batches(n, size=8 * WORLD)
+    if poison_row_at is not None:
+        x, y = data[poison_row_at]
+        x = x.clone()
+        x[8 * WORLD - 1, 0] = float("inf")  # a row of rank 1's half
+        data[poison_row_at] = (x, y)
+    return data
+
+
+def shard(batch: Batch, rank: int) -> Batch:
+    return batch[0][8 * rank : 8 * (rank + 1)], batch[1][8 * rank : 8 * (rank + 1)]
+
+
+def gs() -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+
+
+def reference(data: list[Batch], micro: int = 1) -> tuple[nn.Module, list[bool], float]:
+    """The single-process run on the global batches, hand-written: fp16 autocast + GradScaler."""
+    model = mlp(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    s = gs()
+    stepped = []
+    for i in range(0, len(data), micro):
+        for x, y in data[i : i + micro]:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x).float(), y) / micro
+            s.scale(loss).backward()
+        before = s.get_scale()
+        s.step(opt)
+        s.update()
+        stepped.append(s.get_scale() >= before)
+        opt.zero_grad(set_to_none=True)
+    return model, stepped, s.get_scale()
+
+
+def step_fn(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    micro: int = 1,
+    sync: Callable[[], Any] | None = None,
+) -> Callable[[list[Batch]], Any]:
+    def train_step(micro_batches: list[Batch]) -> Any:
+        for j, (x, y) in enumerate(micro_batches):
+            last = j == len(micro_batches) - 1
+            ctx = contextlib.nullcontext() if last or sync is None else sync()
+            with ctx:
+                ampfn.backward(
+                    F.cross_entropy(model(x).float(), y) / len(micro_batches)
+                )
+        stepped = ampfn.step(opt)
+        opt.zero_grad(set_to_none=True)
+        return stepped
+
+    return train_step
+
+
+def gathered(value: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def full_params(model: Any) -> dict[str, torch.Tensor]:
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in model.named_parameters()
+    }
+
+
+def close(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float, atol: float
+) -> float | bool:
+    """True when within the tolerance, else the largest difference (for the message)."""
+    if all(torch.allclose(a[k].float(), b[k].float(), rtol=rtol, atol=atol) for k in a):
+        return True
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def _ddp_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    res: dict[str, Any] = {}
+
+    def build(sync_ranks: bool | None = None) -> tuple[Any, nn.Module, Any]:
+        model = DDP(mlp(0))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        t = ampfn.compose(
+            ampfn.with_grad_scaling(gs(), sync_ranks=sync_ranks),
+            ampfn.with_autocast("fp16", "cpu"),
+        )
+        return t(step_fn(model, opt, sync=model.no_sync)), model, opt
+
+    # an inf in one rank's input reaches every rank through the all-reduce
+    data = global_batches(STEPS, poison_row_at=POISON_AT)
+    step, model, _ = build()
+    stepped = [step([shard(b, rank)]) for b in data]
+    ref, ref_stepped, ref_scale = reference(data)
+    res["reference"] = {
+        "stepped": stepped,
+        "ref_stepped": ref_stepped,
+        "scale": ampfn.loss_scale(step),
+        "ref_scale": ref_scale,
+        "close": close(full_params(model.module), full_params(ref), **TOL),
+        "ranks_equal": len(
+            {str(full_params(model.module))}
+            | {str(x) for x in gathered(str(full_params(model.module)))}
+        )
+        == 1,
+        "state_dicts_equal": len({repr(x) for x in gathered(ampfn.state_dict(step))})
+        == 1,
+    }
+
+    # gradient accumulation: micro-steps in no_sync() call only ampfn.backward
+    data = global_batches(3 * 3)
+    step, model, _ = build()
+    for i in range(0, len(data), 3):
+        step([shard(b, rank) for b in data[i : i + 3]])
+    ref, _, ref_scale = reference(data, micro=3)
+    res["no_sync"] = {
+        "close": close(full_params(model.module), full_params(ref), **TOL),
+        "scale": ampfn.loss_scale(step),
+        "ref_scale": ref_scale,
+    }
+
+    # an inf in one rank's gradient after the all-reduce: the check, with and without sync_ranks
+    def make_for(
+        sync_ranks: bool | None,
+    ) -> Callable[[int], tuple[Any, nn.Module, Any]]:
+        def make(seed: int) -> tuple[Any, nn.Module, Any]:
+            torch.manual_seed(seed)
+            model = DDP(mlp(seed))
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+            def step(b: Batch) -> Any:
+                ampfn.backward(F.cross_entropy(model(b[0]).float(), b[1]))
+                stepped = ampfn.step(opt)
+                opt.zero_grad(set_to_none=True)
+                return stepped
+
+            return step, model, opt
+
+        return make
+
+    local = [shard(b, rank) for b in global_batches(4)]
+    for sync_ranks in (None, False):
+        t = ampfn.compose(
+            ampfn.with_grad_scaling(gs(), sync_ranks=sync_ranks),
+            ampfn.with_autocast("fp16", "cpu"),
+        )
+        try:
+            testing.check_ranks_agree(make_for(sync_ranks), t, local, steps=4)
+            res[f"check sync_ranks={sync_ranks}"] = "agree"
+        except AssertionError as e:
+            res[f"check sync_ranks={sync_ranks}"] = str(e)
+    # the same for the sync-free mode and for with_apex
+    sync_free = ampfn.compose(
+        ampfn.with_grad_scaling(gs(), sync=False), ampfn.with_autocast("fp16", "cpu")
+    )
+    try:
+        testing.check_ranks_agree(make_for(None), sync_free, local, steps=4)
+        res["check sync-free"] = "agree"
+    except AssertionError as e:
+        res["check sync-free"] = str(e)
+
+    def make_apex(seed: int) -> tuple[Any, nn.Module, Any]:
+        torch.manual_seed(seed)
+        inner = mlp(seed)
+        opt = torch.optim.SGD(inner.parameters(), lr=0.05, momentum=0.9)
+        apex = ampfn.with_apex(
+            "O2", inner, opt, backend="native"
+        )  # cast before DDP wraps it
+        model = DDP(inner)
+
+        @apex
+        def step(b: Batch) -> Any:
+            ampfn.backward(F.cross_entropy(model(b[0]).float(), b[1]))
+            stepped = ampfn.step(opt)
+            opt.zero_grad(set_to_none=True)
+            return stepped
+
+        return step, model, opt
+
+    try:
+        testing.check_ranks_agree(make_apex, ampfn.compose(), local, steps=4)
+        res["check apex-O2"] = "agree"
+    except AssertionError as e:
+        res["check apex-O2"] = str(e)
+    return res
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return launch("_ddp_scenarios", tmp_path_factory.mktemp("ddp"))
+
+
+def test_ddp_matches_the_single_process_reference_and_skips_together(
+    ddp: list[dict[str, Any]],
+) -> None:
+    for r in ddp:
+        ref = r["reference"]
+        assert (
+            ref["stepped"]
+            == ref["ref_stepped"]
+            == [i != POISON_AT for i in range(STEPS)]
+        )
+        assert ref["scale"] == ref["ref_scale"]
+        assert ref["close"] is True, ref["close"]
+        assert ref["ranks_equal"]
+
+
+def test_ddp_state_dict_is_identical_on_every_rank(ddp: list[dict[str, Any]]) -> None:
+    assert all(r["reference"]["state_dicts_equal"] for r in ddp)
+
+
+def test_ddp_gradient_accumulation_with_no_sync(ddp: list[dict[str, Any]]) -> None:
+    for r in ddp:
+        assert r["no_sync"]["close"] is True, r["no_sync"]["close"]
+        assert r["no_sync"]["scale"] == r["no_sync"]["ref_scale"]
+
+
+def test_ddp_ranks_agree_after_a_rank_local_inf_only_with_sync_ranks(
+    ddp: list[dict[str, Any]],
+) -> None:
+    for r in ddp:
+        assert r["check sync_ranks=None"] == "agree"
+        assert r["check sync-free"] == "agree"
+        assert r["check apex-O2"] == "agree"
+        # without it GradScaler lets rank 0 step while rank 1 skips: the check catches it
+        assert (
+            "after step 2, rank 1's ampfn.step results [(0, False)] differ from rank 0's [(0, True)]"
+            in r["check sync_ranks=False"]
+        )
+
+
+# --------------------------------------------------------------------------- FSDP2
+
+
+def _fsdp2_model(policy: str, seed: int = 0) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp(seed)
+    fully_shard(model, mp_policy=ampfn.fsdp_mixed_precision(policy))
+    return model
+
+
+def _fsdp2_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    # fp32 sharding with fp16 autocast against the single-process reference
+    data = global_batches(STEPS, poison_row_at=POISON_AT)
+    model = _fsdp2_model("32-true")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    step = ampfn.compose(
+        ampfn.with_grad_scaling(gs()), ampfn.with_autocast("fp16", "cpu")
+    )(step_fn(model, opt))
+    stepped = [step([shard(b, rank)]) for b in data]
+    ref, ref_stepped, ref_scale = reference(data)
+    res["reference"] = {
+        "stepped": stepped,
+        "ref_stepped": ref_stepped,
+        "scale": ampfn.loss_scale(step),
+        "ref_scale": ref_scale,
+        "close": close(full_params(model), full_params(ref), **TOL),
+    }
+
+    # an inf in one rank's shard: every rank skips (default scaler, sync and sync-free)
+    def make(seed: int) -> tuple[Any, nn.Module, Any]:
+        model = _fsdp2_model("16-mixed", seed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+        def step(b: Batch) -> Any:
+            ampfn.backward(F.cross_entropy(model(b[0]).float(), b[1]))
+            stepped = ampfn.step(opt)
+            opt.zero_grad(set_to_none=True)
+            return stepped
+
+        return step, model, opt
+
+    local = [shard(b, rank) for b in global_batches(4)]
+    for name, t in {
+        "default": lambda: ampfn.with_grad_scaling(),
+        "sync-free": lambda: ampfn.with_grad_scaling(gs(), sync=False),
+        "no sync_ranks": lambda: ampfn.with_grad_scaling(gs(), sync_ranks=False),
+    }.items():
+        try:
+            testing.check_ranks_agree(make, t(), local, steps=4)
+            res[f"check {name}"] = "agree"
+        except AssertionError as e:
+            res[f"check {name}"] = str(e)
+
+    # fp16 parameters sharded: GradScaler cannot unscale them, and says what to do
+    half = mlp(0).half()
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(half)
+    half_opt = torch.optim.SGD(half.parameters(), lr=0.05)
+    half_step = ampfn.with_grad_scaling(gs())(step_fn(half, half_opt))
+    try:
+        half_step(
+            [
+                (
+                    shard(global_batches(1)[0], rank)[0].half(),
+                    shard(global_batches(1)[0], rank)[1],
+                )
+            ]
+        )
+        res["fp16 shards"] = "no error"
+    except ValueError as e:
+        res["fp16 shards"] = str(e)
+
+    # a sharded checkpoint: torch.distributed.checkpoint for the model and optimizer,
+    # ampfn's pipeline state beside them; the resumed run (other processes) continues
+    # bit for bit
+    res["dcp straight"] = _dcp_run(rank, out, save_at=None)
+    _dcp_run(rank, out, save_at=3)
+    return res
+
+
+def _dcp_build(rank: int) -> tuple[Any, nn.Module, Any]:
+    model = _fsdp2_model("bf16-mixed")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = ampfn.with_grad_scaling(gs())(step_fn(model, opt))
+    return step, model, opt
+
+
+def _dcp_data(rank: int) -> list[Batch]:
+    return [shard(b, rank) for b in global_batches(6, poison_row_at=1)]
+
+
+def _dcp_run(rank: int, out: Path, save_at: int | None) -> dict[str, torch.Tensor]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    step, model, opt = _dcp_build(rank)
+    data = _dcp_data(rank)
+    for i, b in enumerate(data):
+        if i == save_at:
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out / "ckpt"))
+            torch.save(
+                ampfn.state_dict(step), out / f"ampfn.{rank}.pt"
+            )  # the same on every rank
+            return {}
+        step([b])
+    return full_params(model)
+
+
+def _dcp_resume(rank: int, world: int, out: Path) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    step, model, opt = _dcp_build(rank)
+    msd, osd = get_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(out / "ckpt"))  # in place
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    ampfn.load_state_dict(
+        step, torch.load(out / f"ampfn.{rank}.pt", weights_only=False)
+    )
+    for b in _dcp_data(rank)[3:]:
+        step([b])
+    return {"resumed": full_params(model)}
+
+
+@pytest.fixture(scope="module")
+def fsdp2(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[list[dict[str, Any]], Path]:
+    out = tmp_path_factory.mktemp("fsdp2")
+    return launch("_fsdp2_scenarios", out), out
+
+
+def test_fsdp2_matches_the_single_process_reference(
+    fsdp2: tuple[list[dict[str, Any]], Path],
+) -> None:
+    for r in fsdp2[0]:
+        ref = r["reference"]
+        assert (
+            ref["stepped"]
+            == ref["ref_stepped"]
+            == [i != POISON_AT for i in range(STEPS)]
+        )
+        assert ref["scale"] == ref["ref_scale"]
+        assert ref["close"] is True, ref["close"]
+
+
+def test_fsdp2_every_rank_skips_an_inf_in_one_shard(
+    fsdp2: tuple[list[dict[str, Any]], Path],
+) -> None:
+    for r in fsdp2[0]:
+        assert r["check default"] == "agree"
+        assert r["check sync-free"] == "agree"
+        assert (
+            r["check no sync_ranks"] == "agree"
+        )  # GradScaler's DTensor path agrees by itself
+
+
+def test_fsdp2_fp16_shards_are_a_clear_error(
+    fsdp2: tuple[list[dict[str, Any]], Path],
+) -> None:
+    for r in fsdp2[0]:
+        assert (
+            "sharded gradients are fp16, which torch.amp.GradScaler refuses"
+            in r["fp16 shards"]
+        )
+        assert "fsdp_mixed_precision('16-mixed')" in r["fp16 shards"]
+
+
+def test_fsdp2_sharded_checkpoint_resumes_bit_for_bit(
+    fsdp2: tuple[list[dict[str, Any]], Path],
+) -> None:
+    results, out = fsdp2
+    resumed = launch("_dcp_resume", out)
+    for r, straight in zip(resumed, results, strict=True):
+        assert all(
+            torch.equal(r["resumed"][k], straight["dcp straight"][k])
+            for k in r["resumed"]
+        )
+
+
+# --------------------------------------------------------------------------- FSDP1
+
+
+def _fsdp1_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    def make(seed: int) -> tuple[Any, nn.Module, Any]:
+        model = FSDP(mlp(seed), device_id=torch.device("cpu"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+        def step(b: Batch) -> Any:
+            ampfn.backward(F.cross_entropy(model(b[0]).float(), b[1]))
+            stepped = ampfn.step(opt)
+            opt.zero_grad(set_to_none=True)
+            return stepped
+
+        return step, model, opt
+
+    local = [shard(b, rank) for b in global_batches(4)]
+    res: dict[str, Any] = {}
+    for name, t in {
+        "ShardedGradScaler": lambda: ampfn.with_grad_scaling(
+            ShardedGradScaler("cpu", init_scale=2.0**10)
+        ),
+        "GradScaler": lambda: ampfn.with_grad_scaling(
+            gs()
+        ),  # ampfn's all-reduce makes it agree
+    }.items():
+        try:
+            testing.check_ranks_agree(make, t(), local, steps=4)
+            res[name] = "agree"
+        except AssertionError as e:
+            res[name] = str(e)
+    return res
+
+
+def test_fsdp1_with_sharded_grad_scaler_or_grad_scaler(tmp_path: Path) -> None:
+    for r in launch("_fsdp1_scenarios", tmp_path):
+        assert r == {"ShardedGradScaler": "agree", "GradScaler": "agree"}
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def test_fsdp_mixed_precision_maps_the_precision_names() -> None:
+    table = {
+        "bf16-mixed": (torch.bfloat16, torch.float32),
+        "16-mixed": (torch.float16, torch.float32),
+        "bf16-true": (torch.bfloat16, torch.bfloat16),
+        "32-true": (torch.float32, torch.float32),
+        torch.float16: (torch.float16, torch.float32),
+    }
+    for name, (param, reduce) in table.items():
+        mp_policy = ampfn.fsdp_mixed_precision(name)
+        assert (mp_policy.param_dtype, mp_policy.reduce_dtype) == (param, reduce)
+    with pytest.raises(
+        ValueError,
+        match=r"expected one of 'bf16-mixed', '16-mixed', 'bf16-true', '32-true'",
+    ):
+        ampfn.fsdp_mixed_precision("fp8")
+    with pytest.raises(TypeError, match="expected a precision name"):
+        ampfn.fsdp_mixed_precision(16)
+
+
+def test_sync_ranks_needs_a_process_group() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"sync_ranks=True needs an initialized torch.distributed process group",
+    ):
+        ampfn.with_grad_scaling(sync_ranks=True)
+    with pytest.raises(TypeError, match="sync_ranks must be a bool or None"):
+        ampfn.with_grad_scaling(sync_ranks="yes")  # type: ignore[arg-type]
+
+
+def test_check_ranks_agree_needs_a_process_group() -> None:
+    with pytest.raises(ValueError, match="none is initialized"):
+        testing.check_ranks_agree(
+            lambda s: (lambda b: b, mlp(), None), ampfn.with_grad_scaling(), [1]
+        )
