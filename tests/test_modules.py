@@ -9,6 +9,7 @@ from torch import nn
 
 import ampfn
 from ampfn._modules import (
+    affine_batchnorm,
     cast_floating,
     cast_module,
     castable_parameters,
@@ -44,11 +45,11 @@ def test_cast_module_keeps_parameter_identity_and_skips_islands_and_batchnorm() 
         nn.BatchNorm1d(3, affine=False),
     )
     first = model[0].weight
-    assert [p.shape for p in castable_parameters(model, keep_batchnorm_fp32=True)] == [
+    assert [p.shape for p in castable_parameters(model, keep=affine_batchnorm)] == [
         (3, 2),
         (3,),
     ]
-    cast_module(model, torch.float16, keep_batchnorm_fp32=True)
+    cast_module(model, torch.float16, keep=affine_batchnorm)
     assert model[0].weight is first
     assert first.dtype == torch.float16
     assert model[1].weight.dtype == torch.float32

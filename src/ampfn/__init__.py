@@ -11,6 +11,7 @@ from ampfn._autocast import FP32Island, fp32, with_autocast
 from ampfn._core import Pipeline, Transform, compose, with_handler
 from ampfn._distributed import fsdp_mixed_precision
 from ampfn._effects import Handler, backward, clip_grad_norm_, grad, step, unscale_
+from ampfn._policy import Policy, get_policy, with_policy
 from ampfn._scaling import with_grad_scaling
 from ampfn._state import load_state_dict, loss_scale, state_dict
 from ampfn._xla import with_xla_bf16
@@ -21,12 +22,14 @@ __all__ = [
     "FP32Island",
     "Handler",
     "Pipeline",
+    "Policy",
     "Transform",
     "backward",
     "clip_grad_norm_",
     "compose",
     "fp32",
     "fsdp_mixed_precision",
+    "get_policy",
     "grad",
     "load_state_dict",
     "loss_scale",
@@ -37,5 +40,6 @@ __all__ = [
     "with_autocast",
     "with_grad_scaling",
     "with_handler",
+    "with_policy",
     "with_xla_bf16",
 ]

@@ -14,6 +14,7 @@ from ampfn._devicescaling import ApexScaling, LossScale
 from ampfn._effects import is_optimizer
 from ampfn._masters import MasterWeights
 from ampfn._modules import (
+    affine_batchnorm,
     cast_module,
     castable_parameters,
     fp32_checkpoints,
@@ -256,19 +257,15 @@ def _native(
 ) -> Transform:
     parts: dict[str, Stateful] = {}
     half = props.cast_model_type == torch.float16
-    keep_bn = bool(props.keep_batchnorm_fp32)
+    keep_bn = affine_batchnorm if props.keep_batchnorm_fp32 else None
     masters = None
     if props.master_weights and half:
-        to_master = [
-            p
-            for m in models
-            for p in castable_parameters(m, keep_batchnorm_fp32=keep_bn)
-        ]
+        to_master = [p for m in models for p in castable_parameters(m, keep=keep_bn)]
         masters = MasterWeights(to_master, optimizers)
         parts["master_weights"] = masters
     if half:
         for m in models:
-            cast_module(m, torch.float16, keep_batchnorm_fp32=keep_bn)
+            cast_module(m, torch.float16, keep=keep_bn)
             patch_forward(m, torch.float16, torch.float32)
             fp32_checkpoints(m, masters.named(m) if masters is not None else {})
             m._ampfn_apex_level = props.level  # type: ignore[assignment]
@@ -288,6 +285,7 @@ def _native(
         fragment=fragment,
         tags=(
             "loss_scaling",
+            "precision",
             compute_tag(torch.float16 if half or props.autocast else torch.float32),
         ),
         state=_ApexState(**parts) if parts else None,

@@ -120,6 +120,7 @@ def apex_transform(
         handler=handler,
         tags=(
             "loss_scaling",
+            "precision",
             compute_tag(torch.float32 if level == "O0" else torch.float16),
         ),
         state=handler,

@@ -32,8 +32,17 @@ class Stateful(Protocol):
 # Tags that may appear once per pipeline, and pairs of tags that exclude each other.
 _EXCLUSIVE = {
     "loss_scaling": "two loss-scaling transforms in one pipeline ({names}); keep exactly one",
+    "precision": (
+        "two precision policies in one pipeline ({names}); each decides the model's and the "
+        "forward's dtypes, so keep exactly one"
+    ),
 }
 _INCOMPATIBLE = {
+    frozenset({"fp16_grads", "fp32_grads_only"}): (
+        "{names}: fp16 weights without fp32 masters give fp16 gradients, which torch.amp.GradScaler "
+        "refuses to unscale; use with_policy('16-true', model, optimizer, master_weights=True), "
+        "or with_apex('O2', model, optimizer) for fp16 weights with masters and loss scaling"
+    ),
     frozenset({"loss_scaling", "xla_bf16"}): (
         "with_xla_bf16 composed with a loss-scaling transform ({names}): bfloat16 has "
         "float32's range and needs no loss scaling; remove the scaling transform"

@@ -44,39 +44,59 @@ def is_fp32_island(module: nn.Module) -> bool:
     return getattr(module, "_ampfn_fp32_island", False) is True
 
 
-def _castable(module: nn.Module, keep_batchnorm_fp32: bool) -> Iterator[nn.Module]:
+Keep = Callable[[nn.Module], bool]  # modules whose own tensors stay fp32
+
+
+def affine_batchnorm(module: nn.Module) -> bool:
+    """Apex's rule for ``keep_batchnorm_fp32``: affine batch norms stay fp32."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
+
+
+NORMS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
+    nn.LayerNorm,
+    nn.GroupNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Batch, instance, layer, group and RMS norms (``with_policy(keep_norm_fp32=True)``)."""
+    return isinstance(module, NORMS)
+
+
+def _castable(module: nn.Module, keep: Keep | None) -> Iterator[nn.Module]:
     """Every module whose own tensors get cast: fp32 islands are skipped with their
-    children; affine batch norms are skipped when ``keep_batchnorm_fp32`` (as Apex does)."""
+    children, and the modules ``keep`` picks."""
     if is_fp32_island(module):
         return
-    bn = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
-    if not (bn and keep_batchnorm_fp32):
+    if keep is None or not keep(module):
         yield module
     for child in module.children():
-        yield from _castable(child, keep_batchnorm_fp32)
+        yield from _castable(child, keep)
 
 
 def castable_parameters(
-    model: nn.Module, *, keep_batchnorm_fp32: bool
+    model: nn.Module, *, keep: Keep | None = None
 ) -> list[nn.Parameter]:
     """The floating parameters that :func:`cast_module` casts."""
     return [
         p
-        for m in _castable(model, keep_batchnorm_fp32)
+        for m in _castable(model, keep)
         for p in m.parameters(recurse=False)
         if p.is_floating_point()
     ]
 
 
 def cast_module(
-    model: nn.Module, dtype: torch.dtype, *, keep_batchnorm_fp32: bool
+    model: nn.Module, dtype: torch.dtype, *, keep: Keep | None = None
 ) -> None:
     """Cast ``model``'s floating parameters and buffers to ``dtype`` in place.
 
     Parameters keep their identity (``param.data`` is replaced), so references the user
     holds, and optimizers built on them, stay valid.
     """
-    for module in _castable(model, keep_batchnorm_fp32):
+    for module in _castable(model, keep):
         for param in module.parameters(recurse=False):
             if param.is_floating_point():
                 param.data = param.data.to(dtype)
@@ -87,6 +107,27 @@ def cast_module(
                 setattr(module, name, buf.to(dtype))
         if isinstance(module, nn.RNNBase):
             module.flatten_parameters()
+
+
+def compute_in_fp32(model: nn.Module, keep: Keep) -> None:
+    """The modules ``keep`` picks (left fp32 by :func:`cast_module`) compute in fp32:
+    their floating input is cast to fp32 and their output back to the input's dtype, so
+    the half layers around them see half tensors."""
+    for module in model.modules():
+        if keep(module) and not is_fp32_island(module):
+            module.register_forward_pre_hook(_to_fp32, with_kwargs=True)
+            module.register_forward_hook(_back, with_kwargs=True)
+
+
+def _to_fp32(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    first = args[0] if args else None
+    module._ampfn_in_dtype = first.dtype if isinstance(first, torch.Tensor) else None  # type: ignore[assignment]
+    return cast_floating(args, torch.float32), cast_floating(kwargs, torch.float32)
+
+
+def _back(module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
+    dtype = getattr(module, "_ampfn_in_dtype", None)
+    return out if dtype is None or dtype == torch.float32 else cast_floating(out, dtype)
 
 
 def patch_forward(

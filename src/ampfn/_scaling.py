@@ -514,12 +514,22 @@ def with_grad_scaling(
 
 def scaling_transform(name: str, state: Any, **fragment: Any) -> Transform:
     end: Callable[[bool], None] = state.finish
+    tags = ["loss_scaling"]
+    scaler = getattr(state, "scaler", None)
+    if isinstance(scaler, torch.amp.GradScaler) and not _unscales_fp16(scaler):
+        tags.append("fp32_grads_only")
     return Transform(
         name,
         fragment=Fragment(name, scaling=state, end=end, **fragment),
-        tags=("loss_scaling",),
+        tags=tags,
         state=state,
     )
+
+
+def _unscales_fp16(scaler: torch.amp.GradScaler) -> bool:
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return isinstance(scaler, ShardedGradScaler)
 
 
 def find_scaler_state(state: Any) -> dict[str, Any] | None:

@@ -107,7 +107,7 @@ def with_xla_bf16(
         autocast = (check_autocast("xla", torch.bfloat16, _API), torch.bfloat16, {})
     else:
         assert model is not None
-        cast_module(model, torch.bfloat16, keep_batchnorm_fp32=False)
+        cast_module(model, torch.bfloat16)
         patch_forward(model, torch.bfloat16, None)
     fragment = Fragment(
         "with_xla_bf16",
@@ -119,5 +119,5 @@ def with_xla_bf16(
     return Transform(
         "with_xla_bf16",
         fragment=fragment,
-        tags=("xla_bf16", compute_tag(torch.bfloat16)),
+        tags=("xla_bf16", "precision", compute_tag(torch.bfloat16)),
     )

@@ -24,8 +24,20 @@ from torch import nn
 import ampfn
 from ampfn._scaling import find_scaler_state
 
-PIPELINES = ("fp32", "bf16", "fp16", "apex-O1", "apex-O2", "apex-O3", "bf16-true")
-_XLA_PIPELINES = ("fp32", "bf16", "bf16-true")
+PIPELINES = (
+    "fp32",
+    "bf16",
+    "fp16",
+    "apex-O0",
+    "apex-O1",
+    "apex-O2",
+    "apex-O3",
+    "bf16-true",
+    "16-true",
+    "bf16-true+master",
+    "bf16-true+sr",
+)
+_XLA_PIPELINES = ("fp32", "bf16", "bf16-true", "bf16-true+master", "bf16-true+sr")
 _DEFAULT = "fp32,bf16,fp16"
 
 
@@ -62,12 +74,23 @@ def make_pipeline(
     name: str, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device
 ) -> Any:
     """The transform for a pipeline name (the same step runs under each)."""
+    if name.startswith(("bf16-true+", "16-true")):
+        policy, _, remedy = name.partition("+")
+        return ampfn.with_policy(
+            policy,
+            model,
+            opt,
+            master_weights=remedy == "master",
+            stochastic_rounding=remedy == "sr",
+        )
     if device.type == "xla":
         if name == "bf16":
             return ampfn.with_xla_bf16()
         if name == "bf16-true":
             return ampfn.with_xla_bf16(mode="true", model=model)
         return ampfn.compose()
+    if name == "bf16-true":
+        return ampfn.with_policy("bf16-true", model, opt)
     if name == "fp32":
         return ampfn.compose()
     if name == "bf16":

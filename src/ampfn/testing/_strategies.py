@@ -258,12 +258,52 @@ def available_pipelines(
                     )
                 )
         if _autocast_ok(device, torch.float16):
+            out.append(
+                TrialPipeline(
+                    "sync-free-scaling+autocast-fp16",
+                    functools.partial(
+                        _scaled_autocast, torch.float16, device, sync=False
+                    ),
+                    skips_nonfinite=True,
+                )
+            )
             for level in ("O1", "O2", "O3"):
                 build = functools.partial(_apex, level)
                 out.append(
                     TrialPipeline(f"apex-{level}", build, skips_nonfinite=level != "O3")
                 )
+        for name, kwargs in _POLICIES.items():
+            out.append(
+                TrialPipeline(
+                    name,
+                    functools.partial(_policy, kwargs),
+                    skips_nonfinite="scaling" in name,
+                )
+            )
     return [p for p in out if skipping is None or p.skips_nonfinite == skipping]
+
+
+_POLICIES: dict[str, dict[str, Any]] = {
+    "bf16-true": {"policy": "bf16-true"},
+    "bf16-true+master": {"policy": "bf16-true", "master_weights": True},
+    "bf16-true+sr": {"policy": "bf16-true", "stochastic_rounding": True},
+    "16-true+master+scaling": {"policy": "16-true", "master_weights": True},
+}
+
+
+def _policy(kwargs: dict[str, Any], model: Any, optimizer: Any) -> Any:
+    options = dict(kwargs)
+    transform = ampfn.with_policy(options.pop("policy"), model, optimizer, **options)
+    if kwargs["policy"] == "16-true":
+        scaler = torch.amp.GradScaler(
+            _device(model), init_scale=2.0**10, growth_interval=4
+        )
+        return ampfn.compose(ampfn.with_grad_scaling(scaler), transform)
+    return transform
+
+
+def _device(model: Any) -> str:
+    return next(model.parameters()).device.type  # type: ignore[no-any-return]
 
 
 def _autocast(dtype: torch.dtype, device: str, model: Any, optimizer: Any) -> Transform:
@@ -271,11 +311,11 @@ def _autocast(dtype: torch.dtype, device: str, model: Any, optimizer: Any) -> Tr
 
 
 def _scaled_autocast(
-    dtype: torch.dtype, device: str, model: Any, optimizer: Any
+    dtype: torch.dtype, device: str, model: Any, optimizer: Any, sync: bool = True
 ) -> Pipeline:
     scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=4)
     return ampfn.compose(
-        ampfn.with_grad_scaling(scaler), ampfn.with_autocast(dtype, device)
+        ampfn.with_grad_scaling(scaler, sync=sync), ampfn.with_autocast(dtype, device)
     )
 
 

@@ -1,0 +1,415 @@
+"""Precision policies: ``Policy``, ``get_policy`` and ``with_policy``.
+
+A policy says in which dtype parameters are kept, the forward computes, and outputs
+come back (jmp's three dtypes). It is *mixed* when parameters are fp32 and compute is a
+half dtype (autocast does the work), and *true* when parameters are kept in the compute
+dtype (the model is cast once). Specs are Lightning's ``precision=`` names or jmp's
+strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ampfn._autocast import autocast_fragment, check_autocast, default_device_type
+from ampfn._core import Stateful, Transform, compose, compute_tag, factory
+from ampfn._masters import MasterWeights
+from ampfn._modules import (
+    cast_floating,
+    cast_module,
+    castable_parameters,
+    compute_in_fp32,
+    is_norm,
+    patch_forward,
+)
+from ampfn._plan import Fragment
+from ampfn._rounding import StochasticRounding
+from ampfn._scaling import with_grad_scaling
+
+_DTYPES = {
+    "float16": torch.float16,
+    "f16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "f32": torch.float32,
+    "fp32": torch.float32,
+    "full": torch.float32,
+    "single": torch.float32,
+    "float64": torch.float64,
+    "f64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
+}
+_HALF = (torch.float16, torch.bfloat16)
+_F16, _BF16, _F32, _F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+# Lightning's precision= names; outputs come back in fp32 as its plugins return them
+LIGHTNING = {
+    "32-true": (_F32, _F32, _F32),
+    "32": (_F32, _F32, _F32),
+    "64-true": (_F64, _F64, _F64),
+    "64": (_F64, _F64, _F64),
+    "16-true": (_F16, _F16, _F32),
+    "bf16-true": (_BF16, _BF16, _F32),
+    "16-mixed": (_F32, _F16, _F32),
+    "16": (_F32, _F16, _F32),
+    "bf16-mixed": (_F32, _BF16, _F32),
+    "bf16": (_F32, _BF16, _F32),
+}
+_KEYS = {"params": 0, "p": 0, "compute": 1, "c": 1, "output": 2, "o": 2}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The dtypes of parameters, compute and outputs (jmp's ``Policy``, for PyTorch).
+
+    Example:
+        >>> import torch, ampfn
+        >>> p = ampfn.Policy(torch.float32, torch.bfloat16, torch.float32)
+        >>> p.is_mixed, str(p)
+        (True, 'params=float32,compute=bfloat16,output=float32')
+    """
+
+    param_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    output_dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        for field in ("param_dtype", "compute_dtype", "output_dtype"):
+            value = getattr(self, field)
+            if not isinstance(value, torch.dtype) or not value.is_floating_point:
+                raise ValueError(
+                    f"Policy: {field} must be a floating torch.dtype, got {value!r}"
+                )
+        if not (self.is_mixed or self.is_true):
+            raise ValueError(
+                f"Policy: params={_name(self.param_dtype)}, compute={_name(self.compute_dtype)} is "
+                "neither mixed (float32 params, float16 or bfloat16 compute) nor true (params in "
+                "the compute dtype); computing in a wider dtype than the parameters keep only "
+                "costs, and other pairs lose precision both ways"
+            )
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.param_dtype == torch.float32 and self.compute_dtype in _HALF
+
+    @property
+    def is_true(self) -> bool:
+        return self.param_dtype == self.compute_dtype
+
+    def cast_to_param(self, x: Any) -> Any:
+        return cast_floating(x, self.param_dtype)
+
+    def cast_to_compute(self, x: Any) -> Any:
+        return cast_floating(x, self.compute_dtype)
+
+    def cast_to_output(self, x: Any) -> Any:
+        return cast_floating(x, self.output_dtype)
+
+    def with_output_dtype(self, dtype: torch.dtype) -> Policy:
+        return dataclasses.replace(self, output_dtype=dtype)
+
+    def __str__(self) -> str:
+        return (
+            f"params={_name(self.param_dtype)},compute={_name(self.compute_dtype)},"
+            f"output={_name(self.output_dtype)}"
+        )
+
+
+def _dtype(name: str, spec: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(
+            f"get_policy(spec): unknown dtype {name!r} in {spec!r}; valid: {', '.join(_DTYPES)}"
+        )
+    return _DTYPES[name]
+
+
+def get_policy(spec: Any) -> Policy:
+    """Parse a precision policy.
+
+    - Lightning's ``precision=`` names: "32-true" ("32"), "64-true" ("64"), "16-true",
+      "bf16-true", "16-mixed" ("16"), "bf16-mixed" ("bf16"); outputs come back in fp32 (in
+      fp64 for "64-true"). Bare "16" and "bf16" mean what they mean in Lightning.
+    - jmp's strings, long or short: "params=float32,compute=bfloat16,output=float32",
+      "p=f32,c=bf16,o=f32". Params default to float32, compute to the params dtype,
+      output to the compute dtype. A lone dtype name ("float16") sets all three.
+    - A :class:`Policy`, returned as it is.
+
+    Dtype names: float16/f16/fp16/half, bfloat16/bf16, float32/f32/fp32/full/single,
+    float64/f64/fp64/double.
+
+    Raises:
+        ValueError: an unknown name, key or dtype (the message lists the valid ones), or a
+            policy that is neither mixed nor true.
+        TypeError: ``spec`` is not a string, an int or a Policy.
+
+    Example:
+        >>> import ampfn
+        >>> str(ampfn.get_policy("bf16-true"))
+        'params=bfloat16,compute=bfloat16,output=float32'
+        >>> str(ampfn.get_policy("p=f32,c=f16"))
+        'params=float32,compute=float16,output=float16'
+    """
+    if isinstance(spec, Policy):
+        return spec
+    if isinstance(spec, int) and not isinstance(spec, bool) and str(spec) in LIGHTNING:
+        spec = str(spec)
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"get_policy(spec): expected a precision name, a jmp policy string or an ampfn.Policy, "
+            f"got {type(spec).__name__}"
+        )
+    if spec in LIGHTNING:
+        return Policy(*LIGHTNING[spec])
+    if "=" not in spec:
+        if spec in _DTYPES:
+            d = _DTYPES[spec]
+            return Policy(d, d, d)
+        raise ValueError(
+            f"get_policy(spec): unknown precision {spec!r}; valid: {', '.join(map(repr, LIGHTNING))}, "
+            "a jmp string such as 'params=float32,compute=bfloat16,output=float32', or a dtype name"
+        )
+    found: list[torch.dtype | None] = [None, None, None]
+    for part in spec.split(","):
+        key, _, value = part.strip().partition("=")
+        if key.strip() not in _KEYS:
+            raise ValueError(
+                f"get_policy(spec): unknown key {key.strip()!r} in {spec!r}; valid: {', '.join(_KEYS)}"
+            )
+        found[_KEYS[key.strip()]] = _dtype(value.strip(), spec)
+    params = found[0] or torch.float32
+    compute = found[1] or params
+    return Policy(params, compute, found[2] or compute)
+
+
+# --------------------------------------------------------------------------- with_policy
+
+
+def _check_eps(optimizer: Any, policy: Policy, master_weights: bool) -> None:
+    """16-true with an Adam-family eps that fp16 rounds to zero divides by ~0 (NaNs)."""
+    if policy.param_dtype != torch.float16 or master_weights or optimizer is None:
+        return
+    tiny = torch.finfo(
+        torch.float16
+    ).tiny  # below it fp16 loses precision, then flushes
+    for group in optimizer.param_groups:
+        eps = group.get("eps")
+        if isinstance(eps, float) and 0 < eps < tiny:
+            warnings.warn(
+                f"with_policy('16-true'): {type(optimizer).__name__} has eps={eps:g}, below fp16's "
+                f"smallest normal number ({tiny:.1e}); in fp16 it rounds to {float(torch.tensor(eps).half()):g}, "
+                "and a near-zero second moment then gives inf or NaN updates. Use eps=1e-4 or more, "
+                "or master_weights=True (the optimizer then works in fp32)",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+
+
+def _check_args(
+    policy: Policy,
+    model: Any,
+    optimizer: Any,
+    master_weights: object,
+    stochastic_rounding: object,
+    keep: object,
+) -> None:
+    api = "with_policy(policy, model, optimizer)"
+    for name, value in (
+        ("master_weights", master_weights),
+        ("stochastic_rounding", stochastic_rounding),
+    ):
+        if not isinstance(value, bool):
+            raise TypeError(f"{api}: {name} must be a bool, got {type(value).__name__}")
+    if keep is not None and not isinstance(keep, bool):
+        raise TypeError(
+            f"{api}: keep_norm_fp32 must be a bool or None, got {type(keep).__name__}"
+        )
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{api}: model must be an nn.Module, got {type(model).__name__}"
+        )
+    if master_weights and stochastic_rounding:
+        raise ValueError(
+            f"{api}: master_weights and stochastic_rounding both keep small updates; choose one "
+            "(masters cost an fp32 copy of the weights, rounding costs random bits per step)"
+        )
+    if stochastic_rounding and not (
+        policy.is_true and policy.param_dtype == torch.bfloat16
+    ):
+        raise ValueError(
+            f"{api}: stochastic_rounding rounds into bfloat16 weights, and {policy} keeps {policy.param_dtype}"
+        )
+    if (master_weights or stochastic_rounding) and not policy.is_true:
+        raise ValueError(
+            f"{api}: master_weights and stochastic_rounding are for true policies, whose weights "
+            f"are low precision; {policy} is mixed (its weights stay float32)"
+        )
+    if (master_weights or stochastic_rounding) and (optimizer is None or model is None):
+        raise ValueError(
+            f"{api}: master_weights and stochastic_rounding need the model and its optimizer"
+        )
+    if policy.is_true and policy.param_dtype != torch.float32 and model is None:
+        raise ValueError(
+            f"{api}: {policy} casts the model to {policy.param_dtype} once, so it needs it: "
+            "with_policy(policy, model, optimizer)"
+        )
+
+
+def _seed() -> int:
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _mixed(policy: Policy, model: Any) -> Any:
+    first = next(model.parameters(), None) if model is not None else None
+    device = first.device.type if first is not None else default_device_type()
+    dtype = policy.compute_dtype
+    check_autocast(device, dtype, "with_policy(policy)")
+    autocast = Transform(
+        "with_policy",
+        fragment=autocast_fragment("with_policy", device, dtype, None),
+        tags=("precision", compute_tag(dtype)),
+    )
+    if dtype == torch.float16:  # as with_apex O1: fp16 autocast needs loss scaling
+        return compose(with_grad_scaling(torch.amp.GradScaler(device)), autocast)
+    return autocast
+
+
+class _PolicyState:
+    __slots__ = ("parts",)
+
+    def __init__(self, **parts: Stateful) -> None:
+        self.parts = parts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict[str, Any], /) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
+@factory()
+def with_policy(
+    policy: Any,
+    model: nn.Module | None = None,
+    optimizer: Any = None,
+    *,
+    master_weights: bool = False,
+    stochastic_rounding: bool = False,
+    keep_norm_fp32: bool | None = None,
+) -> Any:
+    """Train under a precision policy: Lightning's ``precision=`` values, jmp's strings.
+
+    **Mixed** policies ("bf16-mixed", "16-mixed") become :func:`with_autocast` in the
+    compute dtype on the model's device type; for fp16 they add
+    ``with_grad_scaling()``, as ``with_apex("O1")`` does. ``model`` is only used for
+    its device type.
+
+    **True** policies ("bf16-true", "16-true", "64-true") cast the model once, here:
+    parameters and buffers go to the param dtype (norm layers stay fp32 with
+    ``keep_norm_fp32``, computing in fp32 between half layers; ``fp32`` islands stay as
+    they are); ``model.forward`` casts floating inputs to the compute dtype and outputs
+    to the output dtype. You keep your own model and optimizer objects;
+    ``model.state_dict()`` stays in the param dtype, as you chose. "32-true" does
+    nothing. Compose with ``with_grad_scaling()`` for "16-true" (with master weights,
+    whose fp32 gradients GradScaler can unscale).
+
+    Low-precision weights lose small updates (any update below half an ulp of the
+    weight: bf16 has 8 bits of mantissa). Two remedies, for true policies:
+
+    - ``master_weights=True``: the optimizer holds fp32 masters (``with_apex`` O2's
+      mechanism): gradients accumulate in fp32, the step updates the masters, which are
+      copied into the model after each real step. Memory: an fp32 copy of the weights
+      (plus fp32 gradients during the step); the optimizer's state is fp32.
+    - ``stochastic_rounding=True`` (bf16 weights): the optimizer computes each step in
+      fp32 from the bf16 weights, and the result is rounded up or down at random so that
+      the expected weight is the fp32 one. No fp32 copy is kept: only a transient one
+      during the step; the optimizer's state is fp32. Time: random bits for every weight
+      per step. Reproducible under ``torch.manual_seed``; its generator is in
+      ``ampfn.state_dict``.
+
+    Args:
+        policy: a name, a jmp string or a :class:`Policy` (see :func:`get_policy`).
+        model: the model (true policies need it; mixed ones use it for the device type).
+        optimizer: the model's optimizer (master weights and stochastic rounding need it;
+            with "16-true" it is checked for an Adam eps that fp16 flushes to zero).
+        master_weights, stochastic_rounding: see above; not both.
+        keep_norm_fp32: keep norm layers (batch, instance, layer, group, RMS) in fp32;
+            None: for fp16 params (as Apex O2), not for bf16 or fp64.
+
+    Returns:
+        A transform (stateful with master weights or stochastic rounding).
+
+    Raises:
+        ValueError: a bad policy, a true half or fp64 policy without ``model``, both
+            remedies, stochastic rounding of anything but bf16 weights, a remedy without
+            the model and optimizer.
+        TypeError: arguments of the wrong type.
+
+    Warns:
+        UserWarning: "16-true" with an Adam-family ``eps`` that fp16 flushes to zero.
+
+    Example:
+        >>> import torch, ampfn
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> step = ampfn.with_policy("bf16-true", model, opt, master_weights=True)(lambda x: model(x))
+        >>> model.weight.dtype, step(torch.randn(3, 4)).dtype
+        (torch.bfloat16, torch.float32)
+    """
+    policy = get_policy(policy)
+    _check_args(
+        policy, model, optimizer, master_weights, stochastic_rounding, keep_norm_fp32
+    )
+    if policy.is_mixed:
+        return _mixed(policy, model)
+    param = policy.param_dtype
+    _check_eps(optimizer, policy, master_weights)
+    if model is None:  # 32-true: nothing to do
+        return Transform(
+            "with_policy",
+            fragment=Fragment("with_policy"),
+            tags=("precision", compute_tag(param)),
+        )
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.dtype != torch.float32:
+            raise ValueError(
+                f"with_policy(policy, model): parameter {name!r} is {p.dtype}; pass the model in "
+                "float32, with_policy casts it"
+            )
+    keep = (param == torch.float16) if keep_norm_fp32 is None else keep_norm_fp32
+    keep_fn = is_norm if keep else None
+    parts: dict[str, Stateful] = {}
+    masters = rounding = None
+    if master_weights:
+        masters = MasterWeights(castable_parameters(model, keep=keep_fn), [optimizer])
+        parts["master_weights"] = masters
+    if stochastic_rounding:
+        rounding = StochasticRounding(_seed(), optimizer)
+        parts["stochastic_rounding"] = rounding
+    if param != torch.float32:
+        cast_module(model, param, keep=keep_fn)
+        if keep_fn is not None:
+            compute_in_fp32(model, keep_fn)
+        patch_forward(model, policy.compute_dtype, policy.output_dtype)
+    tags = ["precision", compute_tag(policy.compute_dtype)]
+    if param == torch.float16 and not master_weights:
+        tags.append("fp16_grads")
+    return Transform(
+        "with_policy",
+        fragment=Fragment("with_policy", masters=masters, rounding=rounding),
+        tags=tags,
+        state=_PolicyState(**parts) if parts else None,
+    )
