@@ -15,8 +15,8 @@ nox.options.reuse_existing_virtualenvs = True
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The default suite on CPU (hypothesis profile 'ci')."""
-    session.install(TORCH, "-e", ".[test,demo]")
+    """The default suite on CPU (hypothesis profile 'ci'), fp8 (torchao) included."""
+    session.install(TORCH, "-e", ".[test,demo,fp8]")
     session.run("pytest", *session.posargs, env={"HYPOTHESIS_PROFILE": "ci"})
 
 

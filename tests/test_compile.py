@@ -343,3 +343,32 @@ def test_a_compiled_model_inside_a_wrapped_step_keeps_working() -> None:
         torch.testing.assert_close(step(b), ref_step(b))
     # no ampfn frame inside the model's graph: its code never calls ampfn
     assert params_equal(compiled_model, ref)
+
+
+def _fp8_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+
+
+def test_a_compiled_fp8_step_adds_no_break_beyond_hand_written_torchao() -> None:
+    pytest.importorskip("torchao", reason="the fp8 extra (torchao) is not installed")
+    import dataclasses
+
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    data = [(torch.randn(8, 32), torch.randint(0, 16, (8,))) for _ in range(6)]
+    m = _fp8_model()
+    o = sgd(m)
+    ours = ampfn.compose(
+        ampfn.with_autocast("bf16", "cpu"), ampfn.with_float8(m, emulate=True)
+    )(with_effects(m, o))
+    h = _fp8_model()
+    config = dataclasses.replace(
+        Float8LinearConfig.from_recipe_name("tensorwise"), emulate=True
+    )
+    convert_to_float8_training(h, config=config)
+    hand = by_hand(h, torch.bfloat16, None, sgd(h))
+    hand_reasons, hand_graphs = compiled_run(hand, data, hand=True)
+    our_reasons, our_graphs = compiled_run(ours, data)
+    assert our_reasons <= hand_reasons, f"added: {our_reasons - hand_reasons}"
+    assert our_graphs <= hand_graphs

@@ -20,7 +20,7 @@ def test_all_is_the_public_namespace() -> None:
 def test_import_pulls_in_no_optional_backend() -> None:
     code = (
         "import sys, torch; before = set(sys.modules); import ampfn, ampfn.demo; "
-        "print(sorted(m for m in ('apex', 'torch_xla', 'hypothesis', 'sklearn', 'tqdm') "
+        "print(sorted(m for m in ('apex', 'torch_xla', 'hypothesis', 'sklearn', 'tqdm', 'torchao', 'matplotlib') "
         "if m in sys.modules and m not in before))"
     )
     out = subprocess.run(

@@ -11,6 +11,7 @@ from ampfn._autocast import FP32Island, fp32, with_autocast
 from ampfn._core import Pipeline, Transform, compose, with_handler
 from ampfn._distributed import fsdp_mixed_precision
 from ampfn._effects import Handler, backward, clip_grad_norm_, grad, step, unscale_
+from ampfn._float8 import with_float8
 from ampfn._policy import Policy, get_policy, with_policy
 from ampfn._scaling import with_grad_scaling
 from ampfn._state import load_state_dict, loss_scale, state_dict
@@ -38,6 +39,7 @@ __all__ = [
     "unscale_",
     "with_apex",
     "with_autocast",
+    "with_float8",
     "with_grad_scaling",
     "with_handler",
     "with_policy",
