@@ -96,6 +96,7 @@ def loss_of(model: nn.Module, batch: Batch) -> torch.Tensor:
 # --------------------------------------------------------------------------- the two steps
 
 PRECISIONS = ("fp32", "bf16", "fp16", "fp16 sync-free")
+FP8 = ("fp8 tensorwise", "fp8 rowwise")  # with --precisions; needs torchao
 
 
 def optimizer(model: nn.Module, device: str) -> torch.optim.Optimizer:
@@ -113,6 +114,13 @@ def ampfn_step(
         opt.zero_grad(set_to_none=True)
         return stepped
 
+    if precision.startswith("fp8"):  # bf16 everywhere but the fp8 matmuls
+        recipe = precision.split()[1]
+        emulate = device != "cuda"
+        return ampfn.compose(  # type: ignore[no-any-return]
+            ampfn.with_autocast("bf16", device),
+            ampfn.with_float8(model, recipe=recipe, emulate=emulate),
+        )(train_step)
     pipelines: dict[str, Callable[[Any], Any]] = {
         "fp32": ampfn.compose(),
         "bf16": ampfn.with_autocast("bf16", device),
@@ -137,6 +145,21 @@ def hand_step(
         "fp16": torch.float16,
         "fp16 sync-free": torch.float16,
     }.get(precision)
+    if precision.startswith("fp8"):  # torchao's own recipe, by hand
+        import dataclasses
+
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        config = Float8LinearConfig.from_recipe_name(precision.split()[1])
+        config = dataclasses.replace(config, emulate=device != "cuda")
+        convert_to_float8_training(
+            model,
+            config=config,
+            module_filter_fn=lambda m, fqn: (
+                m.in_features % 16 == 0 and m.out_features % 16 == 0
+            ),
+        )
+        dtype = torch.bfloat16
 
     def train_step(batch: Batch) -> Any:
         with torch.autocast(
@@ -257,16 +280,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 continue
             r = measure(precision, cfg, args, mode)
             results.append(r)
-            fp32 = next(
-                (x for x in results if x["precision"] == "fp32" and x["mode"] == mode),
+            base = next(
+                (
+                    x
+                    for name in ("fp32", "bf16")
+                    for x in results
+                    if x["precision"] == name and x["mode"] == mode and x is not r
+                ),
                 None,
             )
             speedup = (
                 ""
-                if fp32 is None
+                if base is None
                 else (
-                    f"  speed-up over fp32: ampfn {r['ampfn tok/s'] / fp32['ampfn tok/s']:.2f}x, "
-                    f"by hand {r['by hand tok/s'] / fp32['by hand tok/s']:.2f}x"
+                    f"  vs {base['precision']}: ampfn {r['ampfn tok/s'] / base['ampfn tok/s']:.2f}x, "
+                    f"by hand {r['by hand tok/s'] / base['by hand tok/s']:.2f}x"
                 )
             )
             print(

@@ -566,6 +566,57 @@ def test_fsdp1_with_sharded_grad_scaler_or_grad_scaler(tmp_path: Path) -> None:
         assert r == {"ShardedGradScaler": "agree", "GradScaler": "agree"}
 
 
+# --------------------------------------------------------------------------- CUDA
+
+
+def _cuda_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
+    """DDP with gloo on CUDA tensors (both ranks may share one GPU)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+
+    def make(seed: int) -> tuple[Any, nn.Module, Any]:
+        torch.manual_seed(seed)
+        model = DDP(mlp(seed, device="cuda"), device_ids=[device.index])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+
+        def step(b: Batch) -> Any:
+            ampfn.backward(
+                F.cross_entropy(model(b[0].to(device)).float(), b[1].to(device))
+            )
+            stepped = ampfn.step(opt)
+            opt.zero_grad(set_to_none=True)
+            return stepped
+
+        return step, model, opt
+
+    local = [shard(b, rank) for b in global_batches(4)]
+    res: dict[str, Any] = {}
+    for name, t in {
+        "sync": lambda: ampfn.compose(
+            ampfn.with_grad_scaling(), ampfn.with_autocast("fp16", "cuda")
+        ),
+        "sync-free": lambda: ampfn.compose(
+            ampfn.with_grad_scaling(sync=False), ampfn.with_autocast("fp16", "cuda")
+        ),
+    }.items():
+        try:
+            testing.check_ranks_agree(make, t(), local, steps=4)
+            res[name] = "agree"
+        except AssertionError as e:
+            res[name] = str(e)
+    return res
+
+
+@pytest.mark.cuda
+def test_ddp_on_cuda_tensors_agrees(tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    for r in launch("_cuda_scenarios", tmp_path):
+        assert r == {"sync": "agree", "sync-free": "agree"}
+
+
 # --------------------------------------------------------------------------- one process
 
 

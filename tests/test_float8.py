@@ -241,3 +241,29 @@ def make_step_for(m: nn.Module, opt: torch.optim.Optimizer) -> Any:
         return ampfn.step(opt)
 
     return step
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings(
+    "ignore:torch.get_autocast_gpu_dtype:DeprecationWarning"
+)  # torchao's own call
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_real_fp8_on_a_gpu_that_has_it(recipe: str) -> None:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs a CUDA GPU with compute capability 8.9 or newer")
+    m = model().cuda()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)
+
+    @ampfn.compose(
+        ampfn.with_autocast("bf16", "cuda"), ampfn.with_float8(m, recipe=recipe)
+    )
+    def step(b: tuple[torch.Tensor, torch.Tensor]) -> float:
+        loss = F.cross_entropy(m(b[0]).float(), b[1])
+        ampfn.backward(loss)
+        ampfn.step(opt)
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    losses = [step((x.cuda(), y.cuda())) for x, y in data(STEPS)]
+    assert m[0].config.emulate is False  # type: ignore[union-attr]
+    assert losses[-1] < losses[0] / 2

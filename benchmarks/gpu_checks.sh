@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU checks in one run, most important first: the environment, the CUDA tests,
+# the GPT benchmark (eager; compiled; fp8; CUDA graphs), the MLP overhead ratios.
+# Each stage writes its log (and JSON) to $OUT and stops starting work when the time
+# budget ($BUDGET seconds, default 480) is spent. Run from the repository root:
+#   OUT=/tmp/gpu BUDGET=480 bash benchmarks/gpu_checks.sh
+set -u
+OUT=${OUT:-/tmp/ampfn-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src:$PWD/tests:${PYTHONPATH:-}"
+export PYTHONUNBUFFERED=1
+start=$SECONDS
+left() { echo $(( ${BUDGET:-480} - (SECONDS - start) )); }
+stage() {  # stage NAME SECONDS CMD...: run CMD for at most SECONDS (or what is left)
+  local name=$1 limit=$2; shift 2
+  local t; t=$(left); (( t > limit )) && t=$limit
+  if (( t < 20 )); then echo "== $name: skipped, budget spent"; return; fi
+  echo "== $name (limit ${t}s, at $((SECONDS - start))s)"
+  timeout "$t" "$@" > "$OUT/$name.log" 2>&1
+  echo "   exit $? after $((SECONDS - start))s"; tail -n 25 "$OUT/$name.log" | grep -v '^W[0-9]'
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+  python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1; } | tee "$OUT/env.txt"
+
+stage tests 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests
+stage gpt_eager 75 python3 benchmarks/gpt.py --config 100m --modes eager --json "$OUT/gpt_eager.json"
+stage gpt_compiled 150 python3 benchmarks/gpt.py --config 100m --modes compiled \
+  --precisions "bf16,fp16 sync-free,fp8 tensorwise,fp8 rowwise" --budget 100 --json "$OUT/gpt_compiled.json"
+stage gpt_cudagraphs 60 python3 benchmarks/gpt.py --config 100m --modes cudagraphs \
+  --precisions "fp16 sync-free" --json "$OUT/gpt_cudagraphs.json"
+stage bench_mlp 40 python3 benchmarks/bench.py --device cuda --rounds 30 --json "$OUT/bench_mlp.json"
+echo "== done after $((SECONDS - start))s"
