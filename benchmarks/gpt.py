@@ -99,8 +99,11 @@ PRECISIONS = ("fp32", "bf16", "fp16", "fp16 sync-free")
 FP8 = ("fp8 tensorwise", "fp8 rowwise")  # with --precisions; needs torchao
 
 
-def optimizer(model: nn.Module, device: str) -> torch.optim.Optimizer:
-    if device == "cuda":
+def optimizer(model: nn.Module, device: str, precision: str) -> torch.optim.Optimizer:
+    """Fused AdamW on CUDA, except for fp16 with a syncing scaler: GradScaler.step reads the
+    overflow flag back for a non-fused optimizer, and ampfn (which returns a bool) must do
+    the same for a fused one, where hand-written code need not: foreach AdamW for both."""
+    if device == "cuda" and precision != "fp16":
         return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
@@ -204,7 +207,7 @@ def measure(
     steps: dict[str, Callable[[Batch], Any]] = {}
     for label, make in (("ampfn", ampfn_step), ("by hand", hand_step)):
         model = copy.deepcopy(base)
-        step = make(model, optimizer(model, device), precision, device)
+        step = make(model, optimizer(model, device, precision), precision, device)
         if mode != "eager":
             step = torch.compile(
                 step, mode="reduce-overhead" if mode == "cudagraphs" else None

@@ -11,8 +11,11 @@ export PYTHONPATH="$PWD/src:$PWD/tests:${PYTHONPATH:-}"
 export PYTHONUNBUFFERED=1
 start=$SECONDS
 left() { echo $(( ${BUDGET:-480} - (SECONDS - start) )); }
+STAGES=${STAGES:-tests gpt_eager gpt_compiled gpt_cudagraphs bench_mlp}
+COMPILED=${COMPILED:-bf16,fp16 sync-free,fp8 tensorwise,fp8 rowwise}
 stage() {  # stage NAME SECONDS CMD...: run CMD for at most SECONDS (or what is left)
   local name=$1 limit=$2; shift 2
+  [[ " $STAGES " == *" $name "* ]] || return 0
   local t; t=$(left); (( t > limit )) && t=$limit
   if (( t < 20 )); then echo "== $name: skipped, budget spent"; return; fi
   echo "== $name (limit ${t}s, at $((SECONDS - start))s)"
@@ -26,9 +29,9 @@ stage() {  # stage NAME SECONDS CMD...: run CMD for at most SECONDS (or what is 
 
 stage tests 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests
 stage gpt_eager 75 python3 benchmarks/gpt.py --config 100m --modes eager --json "$OUT/gpt_eager.json"
-stage gpt_compiled 150 python3 benchmarks/gpt.py --config 100m --modes compiled \
-  --precisions "bf16,fp16 sync-free,fp8 tensorwise,fp8 rowwise" --budget 100 --json "$OUT/gpt_compiled.json"
-stage gpt_cudagraphs 60 python3 benchmarks/gpt.py --config 100m --modes cudagraphs \
+stage gpt_compiled ${COMPILED_LIMIT:-150} python3 benchmarks/gpt.py --config 100m --modes compiled \
+  --precisions "$COMPILED" --budget $(( ${COMPILED_LIMIT:-150} - 60 )) --json "$OUT/gpt_compiled.json"
+stage gpt_cudagraphs ${CUDAGRAPHS_LIMIT:-60} python3 benchmarks/gpt.py --config 100m --modes cudagraphs \
   --precisions "fp16 sync-free" --json "$OUT/gpt_cudagraphs.json"
 stage bench_mlp 40 python3 benchmarks/bench.py --device cuda --rounds 30 --json "$OUT/bench_mlp.json"
 echo "== done after $((SECONDS - start))s"

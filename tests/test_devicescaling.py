@@ -207,12 +207,15 @@ def test_sync_free_steps_do_not_synchronize_cuda() -> None:
 
     data = batches(4, device="cuda")
     train_step(data[0])
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for b in data[1:]:
             train_step(b)
     finally:
-        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.cuda.get_sync_debug_mode() == previous
 
 
 def test_an_overflow_on_the_first_step_creates_no_state() -> None:

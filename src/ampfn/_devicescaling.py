@@ -16,7 +16,6 @@ The kernels are GradScaler's: ``torch._amp_foreach_non_finite_check_and_unscale_
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -31,13 +30,14 @@ def unscale_grads(
 ) -> None:
     """Multiply ``grads`` by ``inv_scale`` in place, setting ``found`` to 1 where any is
     inf or NaN, grouped by device and dtype as GradScaler does."""
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(
-        list
-    )
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for g in grads:
         if g.is_sparse:
             g = (g.coalesce() if g.dtype is torch.float16 else g)._values()
-        groups[(g.device, g.dtype)].append(g)
+        key = (g.device, g.dtype)
+        if key not in groups:
+            groups[key] = []
+        groups[key].append(g)
     for (device, _), group in groups.items():
         if device == found.device:
             torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv_scale)

@@ -89,6 +89,18 @@ def _single(fragments: tuple[Fragment, ...], field: str, what: str) -> Any:
     return found[0][1] if found else None
 
 
+# dynamo traces a flip of the autocast flag from torch 2.13 on (older releases break the
+# graph there, so traced code nests torch.autocast(enabled=False) on them)
+_FLIP_TRACES = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
+
+
+def _nest_autocast() -> bool:
+    """Whether to turn autocast off with the context manager rather than the flag."""
+    if getattr(local, "traced_autocast", True):
+        return True
+    return not _FLIP_TRACES and torch.compiler.is_dynamo_compiling()
+
+
 def autocast_off(off: tuple[str, ...], fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` with autocast off on the device types ``off``.
 
@@ -101,7 +113,7 @@ def autocast_off(off: tuple[str, ...], fn: Callable[..., Any], *args: Any) -> An
     if not off:
         return fn(*args)
     dev, rest = off[0], off[1:]
-    if getattr(local, "traced_autocast", True):
+    if _nest_autocast():
         with torch.autocast(dev, enabled=False):
             return autocast_off(rest, fn, *args) if rest else fn(*args)
     was = torch.is_autocast_enabled(dev)
@@ -171,7 +183,7 @@ class Engine:
             _check_loss(loss)
         off = self.off
         if off:
-            if len(off) > 1 or getattr(local, "traced_autocast", True):
+            if len(off) > 1 or _nest_autocast():
                 # several device types, or a traced autocast region: see autocast_off
                 kwargs["loss_id"] = loss_id
                 autocast_off(off, self._bare.backward, loss, kwargs)
@@ -259,7 +271,7 @@ class Engine:
         for m in self.masters:
             parameters = m.clip_params(parameters)
         off = self.off
-        if not off or len(off) > 1 or getattr(local, "traced_autocast", True):
+        if not off or len(off) > 1 or _nest_autocast():
             norm = autocast_off(off, _clip, parameters, max_norm, kwargs)
         else:
             dev = off[0]
