@@ -137,12 +137,42 @@ def pair_apex_o2(model: nn.Module, device: str) -> tuple[Loop, Loop]:
     return ours, hand
 
 
+def pair_telemetry(model: nn.Module, device: str) -> tuple[Loop, Loop]:
+    """fp16 + scaling with with_telemetry(every=1) against the same pipeline without it
+    (the "by hand" column is ampfn here: this pair measures telemetry's own cost)."""
+    m2 = copy.deepcopy(model)
+    o1 = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    o2 = torch.optim.SGD(m2.parameters(), lr=1e-3, momentum=0.9)
+    records: list[Any] = []
+
+    def step_for(m: nn.Module, o: torch.optim.Optimizer) -> Loop:
+        def train_step(batch: Batch) -> None:
+            ampfn.backward(F.cross_entropy(m(batch[0]).float(), batch[1]))
+            ampfn.step(o)
+            o.zero_grad(set_to_none=True)
+            del records[:-1]  # keep memory flat over many rounds
+
+        return train_step
+
+    def pipeline() -> Any:
+        return ampfn.compose(
+            ampfn.with_grad_scaling(torch.amp.GradScaler(device)),
+            ampfn.with_autocast("fp16", device),
+        )
+
+    ours = ampfn.compose(ampfn.with_telemetry(records, model=model), pipeline())(
+        step_for(model, o1)
+    )
+    return ours, pipeline()(step_for(m2, o2))
+
+
 PAIRS: dict[str, Callable[[nn.Module, str], tuple[Loop, Loop]]] = {
     "autocast bf16": pair_bf16,
     "autocast fp16 + scaling": pair_fp16_scaled,
     "fp16 + scaling + clip": lambda m, d: pair_fp16_scaled(m, d, clip=True),
     "fp16 + sync-free scaling": lambda m, d: pair_fp16_scaled(m, d, sync=False),
     "apex O2 (native)": pair_apex_o2,
+    "telemetry (vs no telemetry)": pair_telemetry,
 }
 
 

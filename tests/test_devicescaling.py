@@ -211,7 +211,9 @@ def test_sync_free_steps_do_not_synchronize_cuda() -> None:
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     try:
-        with warnings.catch_warnings():  # "a prototype feature": the mode is set all the same
+        with (
+            warnings.catch_warnings()
+        ):  # "a prototype feature": the mode is set all the same
             warnings.simplefilter("ignore", UserWarning)
             torch.cuda.set_sync_debug_mode("error")
         for b in data[1:]:

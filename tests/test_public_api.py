@@ -13,7 +13,7 @@ def test_all_is_the_public_namespace() -> None:
     for name in ampfn.__all__:
         assert getattr(ampfn, name).__module__.startswith("ampfn")
     public = {n for n in vars(ampfn) if not n.startswith("_")}
-    submodules = {"demo", "testing"}
+    submodules = {"demo", "testing", "telemetry"}
     assert public - set(ampfn.__all__) - submodules == set()
 
 

@@ -387,4 +387,4 @@ def test_missing_hypothesis_names_the_extra() -> None:
     )
     assert proc.returncode != 0
     assert "ampfn.testing needs hypothesis" in proc.stderr
-    assert "pip install 'ampfn[test]'" in proc.stderr
+    assert "pip install -e '.[test]' in an ampfn checkout" in proc.stderr

@@ -20,7 +20,7 @@ HAS_XLA = importlib.util.find_spec("torch_xla") is not None
 def test_missing_torch_xla_names_the_extra() -> None:
     with pytest.raises(
         ImportError,
-        match=r"with_xla_bf16\(\*, mode, model, sync\): torch_xla is not installed .*ampfn\[xla\]",
+        match=r"with_xla_bf16\(\*, mode, model, sync\): torch_xla is not installed .*pip install -e '\.\[xla\]'",
     ):
         ampfn.with_xla_bf16()
 

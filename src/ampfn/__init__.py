@@ -15,6 +15,7 @@ from ampfn._float8 import with_float8
 from ampfn._policy import Policy, get_policy, with_policy
 from ampfn._scaling import with_grad_scaling
 from ampfn._state import load_state_dict, loss_scale, state_dict
+from ampfn._telemetry import StepRecord, with_telemetry
 from ampfn._xla import with_xla_bf16
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "Handler",
     "Pipeline",
     "Policy",
+    "StepRecord",
     "Transform",
     "backward",
     "clip_grad_norm_",
@@ -43,5 +45,6 @@ __all__ = [
     "with_grad_scaling",
     "with_handler",
     "with_policy",
+    "with_telemetry",
     "with_xla_bf16",
 ]

@@ -279,6 +279,7 @@ def _native(
         scaling=scaling,
         masters=masters,
         end=scaling.finish if scaling is not None else None,
+        unit_scale=scaling is None,
     )
     return Transform(
         "with_apex",

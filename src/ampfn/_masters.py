@@ -23,7 +23,14 @@ class MasterWeights:
     values (Apex copies the already-rounded half ones). Cast the model afterwards.
     """
 
-    __slots__ = ("_by_id", "_pairs", "masters", "model_params", "optimizers")
+    __slots__ = (
+        "_by_id",
+        "_model_of",
+        "_pairs",
+        "masters",
+        "model_params",
+        "optimizers",
+    )
 
     def __init__(
         self, to_master: Iterable[nn.Parameter], optimizers: Sequence[Any]
@@ -49,6 +56,11 @@ class MasterWeights:
                 group["params"] = new
             self._pairs[id(opt)] = (model_params, masters)
         self._by_id = swap
+        self._model_of = {
+            id(m): p
+            for ps, ms in self._pairs.values()
+            for p, m in zip(ps, ms, strict=True)
+        }
         self.model_params = [p for ps, _ in self._pairs.values() for p in ps]
         self.masters = [m for _, ms in self._pairs.values() for m in ms]
 
@@ -59,6 +71,10 @@ class MasterWeights:
             for n, p in model.named_parameters()
             if (m := self._by_id.get(id(p))) is not None
         }
+
+    def model_param_of(self, master: torch.Tensor) -> torch.Tensor | None:
+        """The model parameter a master stands for (None for other tensors)."""
+        return self._model_of.get(id(master))
 
     def collect(self) -> None:
         """Move the model's gradients into the masters' (accumulating in fp32)."""

@@ -67,6 +67,9 @@ class Fragment:
         None  # after each step that may have changed weights
     )
     observer: Any = None  # telemetry (ampfn._telemetry)
+    unit_scale: bool = (
+        False  # owns loss scaling with a static scale of 1.0 (Apex O0, O3)
+    )
     handler: Handler | None = None  # a user's handler
 
     def around(self) -> tuple[str, ...]:
@@ -137,6 +140,7 @@ class Engine:
         "rounding",
         "scaling",
         "step_via",
+        "unit_scale",
     )
 
     def __init__(self, fragments: tuple[Fragment, ...], *, bare: bool = False) -> None:
@@ -161,6 +165,7 @@ class Engine:
             f.after_step for f in fragments if f.after_step is not None
         )
         self.observers = tuple(f.observer for f in fragments if f.observer is not None)
+        self.unit_scale = any(f.unit_scale for f in fragments)
         # the same engine without autocast off, for callers that turned it off already
         self._bare: Engine = Engine(fragments, bare=True) if self.off else self
         self.plain_step = not (
@@ -192,6 +197,8 @@ class Engine:
             dev = off[0]
             was = torch.is_autocast_enabled(dev)
             torch.set_autocast_enabled(dev, False)
+        for o in self.observers:
+            o.before_backward(self, loss_id)
         try:
             sc = self.scaling
             if sc is None:
@@ -210,8 +217,12 @@ class Engine:
         finally:
             if off:
                 torch.set_autocast_enabled(dev, was)
-        for o in self.observers:
-            o.on_backward(sc, loss_id)
+
+    def loss_scale(self, loss_id: int = 0) -> float | None:
+        """The scale the next backward of loss ``loss_id`` uses (None: no loss scaling)."""
+        if self.scaling is not None:
+            return float(self.scaling.loss_scale(loss_id))
+        return 1.0 if self.unit_scale else None
 
     def grad(
         self, outputs: Any, inputs: Any, kwargs: dict[str, Any]
@@ -256,7 +267,7 @@ class Engine:
         for f in self.after_step:
             f(optimizer)
         for o in self.observers:
-            o.on_step(stepped)
+            o.on_step(self, optimizer, stepped)
         return stepped
 
     def unscale_(self, optimizer: Any) -> None:

@@ -27,8 +27,15 @@ def stochastic_round(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     """``x`` (fp32) rounded stochastically to bf16; NaN stays NaN, inf stays inf."""
     bits = x.view(torch.int32)
     noise = torch.randint(
-        0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator
+        0,
+        1 << 16,
+        x.shape,
+        dtype=torch.int32,
+        device=generator.device,
+        generator=generator,
     )
+    if noise.device != x.device:  # a device without generators of its own (XLA)
+        noise = noise.to(x.device)
     rounded = ((bits + noise) & _LOW).view(torch.float32)
     return torch.where(x.isnan(), x, rounded).to(torch.bfloat16)
 
@@ -67,8 +74,12 @@ class StochasticRounding:
     def _generator(self, device: torch.device) -> torch.Generator:
         g = self.generators.get(device)
         if g is None:
-            g = self.generators[device] = torch.Generator(device=device)
+            try:
+                g = torch.Generator(device=device)
+            except RuntimeError:  # XLA has none: draw on the CPU, copy over
+                g = torch.Generator()
             g.manual_seed(self.seed)
+            self.generators[device] = g
         return g
 
     def before_step(self, optimizer: Any) -> None:

@@ -65,15 +65,6 @@ def load_state_dict(wrapped_step: Callable[..., Any], state: dict[str, Any]) -> 
         stateful.load_state_dict(entry["state"])
 
 
-def _scaling(wrapped_step: Callable[..., Any], api: str) -> Any:
-    if not callable(wrapped_step):
-        raise TypeError(
-            f"{api}: expected a step wrapped by ampfn transforms, got {type(wrapped_step).__name__}"
-        )
-    parts = getattr(wrapped_step, "__ampfn_parts__", ())
-    return next((f.scaling for f in parts if f.scaling is not None), None)
-
-
 def loss_scale(wrapped_step: Callable[..., Any], loss_id: int = 0) -> float | None:
     """The current loss scale of the scaler in ``wrapped_step``'s pipeline.
 
@@ -97,11 +88,13 @@ def loss_scale(wrapped_step: Callable[..., Any], loss_id: int = 0) -> float | No
         True
     """
     api = "ampfn.loss_scale(wrapped_step, loss_id)"
-    scaling = _scaling(wrapped_step, api)
+    if not callable(wrapped_step):
+        raise TypeError(
+            f"{api}: expected a step wrapped by ampfn transforms, got {type(wrapped_step).__name__}"
+        )
     check_loss_id(loss_id, api)
-    if scaling is None:
-        tags = getattr(wrapped_step, "__ampfn_tags__", ())
-        if any(tag == "loss_scaling" for tag, _ in tags):
-            return 1.0  # with_apex at O0 or O3: a static scale of 1.0
-        return None
-    return float(scaling.loss_scale(loss_id))
+    parts = getattr(wrapped_step, "__ampfn_parts__", ())
+    scaling = next((f.scaling for f in parts if f.scaling is not None), None)
+    if scaling is not None:
+        return float(scaling.loss_scale(loss_id))
+    return 1.0 if any(f.unit_scale for f in parts) else None

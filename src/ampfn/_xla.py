@@ -25,7 +25,7 @@ def _import_xla() -> tuple[ModuleType, ModuleType]:
     except ImportError as e:
         raise ImportError(
             f"{_API}: torch_xla is not installed ({e}); install it with the xla extra, "
-            "pip install 'ampfn[xla]', with the torch release it matches"
+            "pip install -e '.[xla]' in an ampfn checkout, with the torch release it matches"
         ) from e
     return torch_xla, xm
 

@@ -1,6 +1,6 @@
 """Property testing of numerical stability, for ampfn's suite and for users' own steps.
 
-Needs hypothesis (``pip install 'ampfn[test]'``); ``import ampfn`` never imports it.
+Needs hypothesis (the test extra: ``pip install -e '.[test]'`` in an ampfn checkout); ``import ampfn`` never imports it.
 
 Example:
     >>> import torch, ampfn
@@ -25,7 +25,7 @@ try:
     import hypothesis  # noqa: F401
 except ImportError as e:  # exercised in a subprocess test
     raise ImportError(
-        f"ampfn.testing needs hypothesis ({e}); install the test extra: pip install 'ampfn[test]'"
+        f"ampfn.testing needs hypothesis ({e}); install the test extra: pip install -e '.[test]' in an ampfn checkout"
     ) from e
 
 from ampfn.testing._checks import (

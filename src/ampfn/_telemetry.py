@@ -1,0 +1,194 @@
+"""``with_telemetry``: what precision did in each call of a step, as ``StepRecord`` values.
+
+The transform observes the pipeline's built-in effects (see ``ampfn._plan``): the loss
+scale a backward is about to use, each ``ampfn.step`` result, the norm
+``ampfn.clip_grad_norm_`` returned, and on a skipped step which gradients were not
+finite. At the end of every ``every``-th call it hands one record to the sink.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ampfn._core import Transform, factory
+from ampfn._plan import Fragment
+
+
+class StepRecord(NamedTuple):
+    """One call of a wrapped step, as :func:`with_telemetry` saw it.
+
+    Attributes:
+        step: the call's number, from 0, per pipeline.
+        loss_scale: the scale that call's backward used (None without a loss scaler);
+            a change made by the call's update shows in the next record.
+        stepped: one entry per ``ampfn.step`` in the call, in order (False: skipped).
+        grad_norm: what ``ampfn.clip_grad_norm_`` returned, if it was called.
+        nonfinite: on a skipped step, the parameters whose gradients were inf or NaN.
+
+    Example:
+        >>> import ampfn
+        >>> ampfn.StepRecord(step=0, loss_scale=65536.0, stepped=(True,), grad_norm=None, nonfinite=())
+        StepRecord(step=0, loss_scale=65536.0, stepped=(True,), grad_norm=None, nonfinite=())
+    """
+
+    step: int
+    loss_scale: float | None
+    stepped: tuple[bool, ...]
+    grad_norm: float | None
+    nonfinite: tuple[str, ...]
+
+    @property
+    def skipped(self) -> bool:
+        """Whether any ``ampfn.step`` of the call was skipped."""
+        return not all(self.stepped)
+
+
+_UNSET: Any = object()
+
+
+class Telemetry:
+    """The observer: collects one call's facts, emits them at its end."""
+
+    __slots__ = (
+        "count",
+        "every",
+        "names",
+        "nonfinite",
+        "norm",
+        "on",
+        "scale",
+        "sink",
+        "stepped",
+    )
+
+    def __init__(
+        self, sink: Callable[[StepRecord], Any], names: dict[int, str], every: int
+    ) -> None:
+        self.sink, self.names, self.every = sink, names, every
+        self.count = 0
+        self.on = True  # whether this call is recorded (count % every == 0)
+        self.scale: Any = _UNSET
+        self.stepped: list[Any] = []
+        self.norm: Any = None
+        self.nonfinite: list[str] = []
+
+    def before_backward(self, engine: Any, loss_id: int) -> None:
+        if self.on and self.scale is _UNSET:
+            self.scale = engine.loss_scale(loss_id)
+
+    def on_step(self, engine: Any, optimizer: Any, stepped: Any) -> None:
+        if self.on:
+            took = bool(stepped)
+            self.stepped.append(took)
+            if not took:
+                self.nonfinite.extend(self._nonfinite(engine, optimizer))
+
+    def on_clip(self, norm: torch.Tensor) -> None:
+        if self.on:
+            self.norm = norm
+
+    def _nonfinite(self, engine: Any, optimizer: Any) -> list[str]:
+        """Names of the parameters with inf/NaN gradients (only ever on a skipped step)."""
+        out = []
+        for i, group in enumerate(optimizer.param_groups):
+            for j, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                local = g.to_local() if hasattr(g, "to_local") else g
+                if bool(local.isfinite().all()):
+                    continue
+                model_param = next(
+                    (
+                        m.model_param_of(p)
+                        for m in engine.masters
+                        if m.model_param_of(p) is not None
+                    ),
+                    p,
+                )
+                out.append(self.names.get(id(model_param), f"param_groups[{i}][{j}]"))
+        return out
+
+    def end(self, failed: bool) -> None:
+        if self.on and not failed:
+            scale = None if self.scale is _UNSET else self.scale
+            self.sink(
+                StepRecord(
+                    step=self.count,
+                    loss_scale=None if scale is None else float(scale),
+                    stepped=tuple(self.stepped),
+                    grad_norm=None if self.norm is None else float(self.norm),
+                    nonfinite=tuple(dict.fromkeys(self.nonfinite)),
+                )
+            )
+        self.count += 1
+        self.on = self.count % self.every == 0
+        self.scale, self.norm = _UNSET, None
+        self.stepped, self.nonfinite = [], []
+
+
+@factory(takes_functions=True)
+def with_telemetry(
+    sink: Any, *, model: nn.Module | None = None, every: int = 1
+) -> Transform:
+    """Record what precision does in each call of the step: scale, skips, norms, overflows.
+
+    After each call whose number is a multiple of ``every`` (counted from 0 for this
+    pipeline), ``sink`` receives a :class:`StepRecord`. It sees the loss scale of
+    whichever scaler the pipeline has (``with_grad_scaling``, ``with_apex``, ...),
+    wherever it sits in the pipeline. Which gradients were not finite is worked out only
+    on skipped steps, so a normal step pays nothing for it. A recorded call reads the
+    scale, the step results and the norm back from the device (sync-free scaling's
+    tensors too): use ``every`` to record less often. Ready sinks are in
+    ``ampfn.telemetry``.
+
+    Args:
+        sink: a callable taking a record, or a list to append records to.
+        model: gives parameter names (``model.named_parameters()``) to the overflow
+            report; without it they read ``param_groups[i][j]``.
+        every: record every ``every``-th call.
+
+    Returns:
+        A transform.
+
+    Raises:
+        TypeError: ``sink`` is neither callable nor a list, ``model`` is not a module.
+        ValueError: ``every`` is not a positive int.
+
+    Example:
+        >>> import torch, ampfn
+        >>> records = []
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.SGD([w], lr=0.1)
+        >>> @ampfn.compose(ampfn.with_telemetry(records), ampfn.with_grad_scaling(torch.amp.GradScaler("cpu")))
+        ... def train_step(x):
+        ...     ampfn.backward((w * x).sum())
+        ...     ampfn.step(opt)
+        ...     opt.zero_grad()
+        >>> train_step(torch.ones(2)); train_step(torch.full((2,), float("inf")))
+        >>> [(r.loss_scale, r.stepped, r.nonfinite) for r in records]
+        [(65536.0, (True,), ()), (65536.0, (False,), ('param_groups[0][0]',))]
+    """
+    api = "with_telemetry(sink, *, model, every)"
+    if isinstance(sink, list):
+        sink = sink.append
+    elif not callable(sink):
+        raise TypeError(
+            f"{api}: sink must be a callable taking a StepRecord, or a list, got {type(sink).__name__}"
+        )
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{api}: model must be an nn.Module, got {type(model).__name__}"
+        )
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"{api}: every must be an int >= 1, got {every!r}")
+    names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+    observer = Telemetry(sink, names, every)
+    return Transform(
+        "with_telemetry",
+        fragment=Fragment("with_telemetry", observer=observer, end=observer.end),
+    )

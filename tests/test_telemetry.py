@@ -1,0 +1,217 @@
+"""with_telemetry and its sinks: step records wherever the transform sits."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ampfn
+from ampfn import telemetry
+from helpers import Batch, batches, mlp
+
+SKIP_AT = 2
+
+
+def gs() -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+
+
+def run(
+    transform: Any,
+    model: torch.nn.Module,
+    opts: list[Any],
+    n: int = 5,
+    clip: bool = False,
+) -> list[Any]:
+    calls = {"i": 0}
+
+    @transform
+    def train_step(b: Batch) -> None:
+        overflow = calls["i"] == SKIP_AT
+        calls["i"] += 1
+        loss = F.cross_entropy(model(b[0]).float(), b[1]) * (
+            float("inf") if overflow else 1.0
+        )
+        ampfn.backward(loss)
+        if clip:
+            ampfn.clip_grad_norm_(model.parameters(), 1e9, opts[0])
+        for o in opts:
+            ampfn.step(o)
+            o.zero_grad(set_to_none=True)
+
+    for b in batches(n):
+        train_step(b)
+    return [train_step]
+
+
+@pytest.mark.parametrize("where", ["outside", "inside"])
+def test_records_follow_the_scaler_wherever_telemetry_sits(where: str) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    records: list[ampfn.StepRecord] = []
+    t = ampfn.with_telemetry(records, model=model)
+    scaling = ampfn.with_grad_scaling(gs())
+    pipeline = (
+        ampfn.compose(t, scaling) if where == "outside" else ampfn.compose(scaling, t)
+    )
+    (step,) = run(pipeline, model, [opt])
+    assert [r.step for r in records] == [0, 1, 2, 3, 4]
+    # the scale each backward used; the update's change shows in the next record
+    assert [r.loss_scale for r in records] == [1024.0, 1024.0, 2048.0, 1024.0, 1024.0]
+    assert [r.stepped for r in records] == [
+        (True,),
+        (True,),
+        (False,),
+        (True,),
+        (True,),
+    ]
+    assert [r.skipped for r in records] == [False, False, True, False, False]
+    assert records[SKIP_AT].nonfinite == ("0.weight", "0.bias", "2.weight", "2.bias")
+    assert all(r.nonfinite == () for i, r in enumerate(records) if i != SKIP_AT)
+    assert ampfn.loss_scale(step) == 2048.0
+
+
+def test_every_and_grad_norm_and_names_without_a_model() -> None:
+    model = mlp()
+    opts = [
+        torch.optim.SGD(model[0].parameters(), lr=0.1),
+        torch.optim.SGD(model[2].parameters(), lr=0.1),
+    ]
+    records: list[ampfn.StepRecord] = []
+    run(
+        ampfn.compose(
+            ampfn.with_grad_scaling(gs()), ampfn.with_telemetry(records, every=2)
+        ),
+        model,
+        opts,
+        clip=True,
+    )
+    assert [r.step for r in records] == [0, 2, 4]
+    assert records[1].stepped == (False, False)  # each optimizer's step, in order
+    assert records[1].nonfinite == ("param_groups[0][0]", "param_groups[0][1]")
+    assert all(isinstance(r.grad_norm, float) for r in (records[0], records[2]))
+
+
+def test_apex_levels_master_weights_and_sync_free() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    records: list[ampfn.StepRecord] = []
+    run(
+        ampfn.compose(
+            ampfn.with_telemetry(records, model=model),
+            ampfn.with_apex("O2", model, opt, backend="native"),
+        ),
+        model,
+        [opt],
+    )
+    assert records[0].loss_scale == 2.0**16
+    assert (
+        records[SKIP_AT].nonfinite[0] == "0.weight"
+    )  # the model's name for the master
+    o3 = mlp()
+    o3_opt = torch.optim.SGD(o3.parameters(), lr=0.1)
+    records = []
+    run(
+        ampfn.compose(
+            ampfn.with_apex("O3", o3, o3_opt, backend="native"),
+            ampfn.with_telemetry(records),
+        ),
+        o3,
+        [o3_opt],
+        n=2,
+    )
+    assert [r.loss_scale for r in records] == [1.0, 1.0]
+    plain = mlp()
+    records = []
+    run(
+        ampfn.compose(
+            ampfn.with_telemetry(records), ampfn.with_grad_scaling(gs(), sync=False)
+        ),
+        plain,
+        [torch.optim.SGD(plain.parameters(), lr=0.1)],
+        n=4,
+    )
+    assert [r.stepped for r in records] == [(True,), (True,), (False,), (True,)]
+
+
+def test_no_scaler_means_no_scale() -> None:
+    model = mlp()
+    records: list[ampfn.StepRecord] = []
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([w], lr=0.1)
+
+    @ampfn.compose(ampfn.with_telemetry(records), ampfn.with_autocast("bf16", "cpu"))
+    def train_step(x: torch.Tensor) -> None:
+        ampfn.backward((w * x).sum())
+        ampfn.step(opt)
+
+    train_step(torch.ones(1))
+    assert records == [ampfn.StepRecord(0, None, (True,), None, ())]
+    del model
+
+
+def test_a_failing_call_is_not_recorded_but_counted() -> None:
+    records: list[ampfn.StepRecord] = []
+
+    @ampfn.with_telemetry(records)
+    def train_step(fail: bool) -> None:
+        if fail:
+            raise KeyError("data")
+
+    train_step(False)
+    with pytest.raises(KeyError):
+        train_step(True)
+    train_step(False)
+    assert [r.step for r in records] == [0, 2]
+
+
+def test_sinks_log_and_write_to_tensorboard(caplog: pytest.LogCaptureFixture) -> None:
+    record = ampfn.StepRecord(7, 512.0, (True, False), 1.5, ("head.weight",))
+    with caplog.at_level(logging.INFO, logger="ampfn"):
+        telemetry.to_logging()(record)
+    assert (
+        "ampfn: step 7; loss scale 512; stepped yes,SKIPPED; grad norm 1.5; non-finite gradients: head.weight"
+        in caplog.text
+    )
+
+    class Writer:
+        def __init__(self) -> None:
+            self.calls: list[tuple[Any, ...]] = []
+
+        def add_scalar(self, tag: str, value: float, global_step: int) -> None:
+            self.calls.append((tag, value, global_step))
+
+        def add_text(self, tag: str, text: str, global_step: int) -> None:
+            self.calls.append((tag, text, global_step))
+
+    w = Writer()
+    telemetry.to_tensorboard(w)(record)
+    assert w.calls == [
+        ("ampfn/loss_scale", 512.0, 7),
+        ("ampfn/skipped", 1, 7),
+        ("ampfn/grad_norm", 1.5, 7),
+        ("ampfn/nonfinite", "head.weight", 7),
+    ]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"sink must be a callable taking a StepRecord, or a list, got int",
+    ):
+        ampfn.with_telemetry(3)
+    with pytest.raises(ValueError, match="every must be an int >= 1, got 0"):
+        ampfn.with_telemetry([], every=0)
+    with pytest.raises(TypeError, match=r"model must be an nn.Module"):
+        ampfn.with_telemetry([], model="m")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="object lacks add_scalar, add_text"):
+        telemetry.to_tensorboard(object())
+    with pytest.raises(
+        TypeError,
+        match=r"compose\(\*transforms\): the transform at position 0 is the factory with_telemetry",
+    ):
+        ampfn.compose(ampfn.with_telemetry)
