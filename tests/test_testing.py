@@ -319,24 +319,42 @@ def test_check_state_roundtrip_catches_a_transform_that_loses_its_scale() -> Non
         )
 
 
-def test_hypothesis_reports_the_minimal_failing_batch() -> None:
+def _failing_run(shrink: bool) -> tuple[AssertionError, int]:
+    """check_never_nonfinite on fp16 without loss scaling, which edge values break."""
+    calls = {"make": 0}
+
+    def counting_make(seed: int) -> Any:
+        calls["make"] += 1
+        return make(seed)
+
     edgy = testing.batches((4, 6), num_classes=3, probe=torch.float16)
     with pytest.raises(
         AssertionError,
         match=r"check_never_nonfinite: after step 0, model\.[\w.]+\[[\d, ]+\] is nan",
     ) as e:
         testing.check_never_nonfinite(
-            make,
+            counting_make,
             ampfn.with_autocast("fp16", "cpu"),
             edgy,
             steps=1,
             settings=settings(max_examples=50, database=None, derandomize=True),
+            shrink=shrink,
         )
-    notes = "\n".join(getattr(e.value, "__notes__", []))
+    return e.value, calls["make"]
+
+
+def test_a_failing_check_reports_its_first_failing_example_without_shrinking() -> None:
+    error, tries = _failing_run(shrink=False)
+    notes = "\n".join(getattr(error, "__notes__", []))
     assert (
         "check(" in notes
     )  # hypothesis's "Falsifying example:" / "Failing test case:"
     assert "tensor(" in notes
+    shrunk_error, shrunk_tries = _failing_run(
+        shrink=True
+    )  # asked for: a minimal example
+    assert shrunk_tries > tries
+    assert "tensor(" in "\n".join(getattr(shrunk_error, "__notes__", []))
 
 
 def test_checks_and_strategies_validate_eagerly() -> None:

@@ -11,7 +11,9 @@ Every check has the shape ``check_NAME(make, transform, batches, **options)``:
   form inside your own ``@given``).
 
 A check returns None when the property holds and raises ``AssertionError`` saying which
-step, which parameter and what value when it does not.
+step, which parameter and what value when it does not. It reports the first failing
+example it finds: shrinking a failing run of training steps to a minimal one can take
+minutes, so it happens only with ``shrink=True``.
 """
 
 from __future__ import annotations
@@ -194,11 +196,20 @@ def _validate(api: str, make: object, transform: object, **counts: int) -> None:
 
 
 def _for_each_example(
-    prop: Callable[[list[Any]], None], batches: Any, steps: int, settings: Any
+    prop: Callable[[list[Any]], None],
+    batches: Any,
+    steps: int,
+    settings: Any,
+    shrink: bool = False,
 ) -> None:
     if isinstance(batches, st.SearchStrategy):
+        base = settings if settings is not None else hypothesis.settings.default
+        # Shrinking a failing run of training steps can take minutes: report the first
+        # failing example unless a minimal one is asked for (shrink=True).
+        phases = [p for p in base.phases if shrink or p != hypothesis.Phase.shrink]
         chosen = hypothesis.settings(
-            settings if settings is not None else hypothesis.settings.default,
+            base,
+            phases=phases,
             deadline=None,
             suppress_health_check=[
                 hypothesis.HealthCheck.too_slow,
@@ -274,6 +285,7 @@ def check_skips_nonfinite(
     resume_steps: int = 4,
     seed: int = 0,
     settings: Any = None,
+    shrink: bool = False,
 ) -> None:
     """Non-finite gradients are skipped exactly, the scale backs off, then training resumes.
 
@@ -363,7 +375,7 @@ def check_skips_nonfinite(
             "training never resumed after the poisoned steps"
         )
 
-    _for_each_example(prop, batches, steps, settings)
+    _for_each_example(prop, batches, steps, settings, shrink)
 
 
 def default_tolerance(dtype: torch.dtype, steps: int) -> float:
@@ -385,6 +397,7 @@ def check_matches_reference(
     atol: float | None = None,
     seed: int = 0,
     settings: Any = None,
+    shrink: bool = False,
 ) -> None:
     """After ``steps`` steps the pipeline's parameters are close to the fp32 run's.
 
@@ -427,7 +440,7 @@ def check_matches_reference(
                 f"{worst[2]:.3g} away from the fp32 reference, beyond {how}"
             )
 
-    _for_each_example(prop, batches, steps, settings)
+    _for_each_example(prop, batches, steps, settings, shrink)
 
 
 def check_never_nonfinite(
@@ -438,6 +451,7 @@ def check_never_nonfinite(
     steps: int = 8,
     seed: int = 0,
     settings: Any = None,
+    shrink: bool = False,
 ) -> None:
     """No parameter (model or optimizer's) ever becomes inf or NaN, whatever the batches."""
 
@@ -456,7 +470,7 @@ def check_never_nonfinite(
                         f"({int(bad.sum())} non-finite values)"
                     )
 
-    _for_each_example(prop, batches, steps, settings)
+    _for_each_example(prop, batches, steps, settings, shrink)
 
 
 def check_state_roundtrip(
@@ -468,6 +482,7 @@ def check_state_roundtrip(
     steps: int = 6,
     seed: int = 0,
     settings: Any = None,
+    shrink: bool = False,
 ) -> None:
     """``ampfn.state_dict`` saved after ``save_at`` steps and loaded into a fresh trial
     (with the model's and optimizers' own state dicts) continues identically to ``steps``."""
@@ -518,7 +533,7 @@ def check_state_roundtrip(
                 f"check_state_roundtrip: resumed at step {save_at}, step {save_at + i} differs: {diff}"
             )
 
-    _for_each_example(prop, batches, steps, settings)
+    _for_each_example(prop, batches, steps, settings, shrink)
 
 
 def check_ranks_agree(
@@ -531,6 +546,7 @@ def check_ranks_agree(
     poison_at: int = 2,
     seed: int = 0,
     settings: Any = None,
+    shrink: bool = False,
 ) -> None:
     """Every rank takes the same skip decisions and keeps the same parameters and scale,
     even when one rank's gradients go non-finite after the backward (after DDP's
@@ -602,7 +618,7 @@ def check_ranks_agree(
                         f"{api}: after step {i}, rank {r} differs from rank 0: {diff}"
                     )
 
-    _for_each_example(prop, batches, steps, settings)
+    _for_each_example(prop, batches, steps, settings, shrink)
 
 
 def _full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
