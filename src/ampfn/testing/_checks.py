@@ -203,7 +203,7 @@ def _for_each_example(
     shrink: bool = False,
 ) -> None:
     if isinstance(batches, st.SearchStrategy):
-        base = settings if settings is not None else hypothesis.settings.default
+        base: Any = settings if settings is not None else hypothesis.settings.default
         # Shrinking a failing run of training steps can take minutes: report the first
         # failing example unless a minimal one is asked for (shrink=True).
         phases = [p for p in base.phases if shrink or p != hypothesis.Phase.shrink]
