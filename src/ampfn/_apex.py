@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ampfn._autocast import check_autocast, default_device_type
-from ampfn._core import Stateful, Transform, compute_tag, factory
+from ampfn._core import Parts, Stateful, Transform, compute_tag, factory
 from ampfn._devicescaling import ApexScaling, LossScale
 from ampfn._effects import is_optimizer
 from ampfn._masters import MasterWeights
@@ -188,22 +188,6 @@ def _check_models(
     )
 
 
-class _ApexState:
-    """The combined state of a native ``with_apex`` pipeline."""
-
-    __slots__ = ("parts",)
-
-    def __init__(self, **parts: Stateful) -> None:
-        self.parts = parts
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: part.state_dict() for name, part in self.parts.items()}
-
-    def load_state_dict(self, state: dict[str, Any], /) -> None:
-        for name, part in self.parts.items():
-            part.load_state_dict(state[name])
-
-
 def _scaling(
     props: ApexLevel,
     optimizers: list[Any],
@@ -289,7 +273,7 @@ def _native(
             "precision",
             compute_tag(torch.float16 if half or props.autocast else torch.float32),
         ),
-        state=_ApexState(**parts) if parts else None,
+        state=Parts(**parts) if parts else None,
     )
 
 

@@ -29,6 +29,22 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any], /) -> None: ...
 
 
+class Parts:
+    """The combined state of a transform made of several stateful parts, by name."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, **parts: Stateful) -> None:
+        self.parts = parts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict[str, Any], /) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
 # Tags that may appear once per pipeline, and pairs of tags that exclude each other.
 _EXCLUSIVE = {
     "loss_scaling": "two loss-scaling transforms in one pipeline ({names}); keep exactly one",

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ampfn._scaling import Scaling, times
+from ampfn._scaling import ScalerState, Scaling, times
 
 # ------------------------------------------------------------------ kernels
 
@@ -87,7 +87,7 @@ def masked_step(
             mask = bad.get(p.device)
             if mask is None:
                 mask = bad[p.device] = (found > 0).to(p.device)
-            p.copy_(torch.where(mask, old, p))
+            torch.where(mask, old, p, out=p)
         for p, saved in old_state:
             for key, old in saved.items():
                 now = state[p][key]
@@ -96,7 +96,7 @@ def masked_step(
                     mask is None
                 ):  # a state tensor kept on the host (non-capturable Adam's step)
                     mask = bad[now.device] = (found > 0).to(now.device)
-                now.copy_(torch.where(mask, old, now))
+                torch.where(mask, old, now, out=now)
 
 
 def _attach_found_inf(optimizer: Any, device: torch.device) -> None:
@@ -129,8 +129,10 @@ def fused_step(
 # ------------------------------------------------------------------ sync-free GradScaler
 
 
-class SyncFreeScaling(Scaling):
+class SyncFreeScaling(ScalerState):
     """``with_grad_scaling(scaler, sync=False)``: GradScaler's algorithm on its own tensors."""
+
+    scaler: torch.amp.GradScaler
 
     def __init__(
         self, api: str, scaler: torch.amp.GradScaler, *, sync_ranks: bool | None
@@ -140,15 +142,6 @@ class SyncFreeScaling(Scaling):
         self.founds: dict[int, torch.Tensor] = {}
         if scaler._enabled and scaler._scale is None:  # now, not inside a traced step
             scaler._lazy_init_scale_growth_tracker(torch.device(scaler._device))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scaler": self.scaler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any], /) -> None:
-        self.scaler.load_state_dict(state["scaler"])
-
-    def loss_scale(self, loss_id: int = 0) -> float:
-        return float(self.scaler.get_scale())
 
     def forget(self, optimizer: Any) -> None:
         super().forget(optimizer)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ampfn._autocast import autocast_fragment, check_autocast, default_device_type
-from ampfn._core import Stateful, Transform, compose, compute_tag, factory
+from ampfn._core import Parts, Stateful, Transform, compose, compute_tag, factory
 from ampfn._masters import MasterWeights
 from ampfn._modules import (
     cast_floating,
@@ -286,20 +286,6 @@ def _mixed(policy: Policy, model: Any) -> Any:
     return autocast
 
 
-class _PolicyState:
-    __slots__ = ("parts",)
-
-    def __init__(self, **parts: Stateful) -> None:
-        self.parts = parts
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: part.state_dict() for name, part in self.parts.items()}
-
-    def load_state_dict(self, state: dict[str, Any], /) -> None:
-        for name, part in self.parts.items():
-            part.load_state_dict(state[name])
-
-
 @factory()
 def with_policy(
     policy: Any,
@@ -411,5 +397,5 @@ def with_policy(
         "with_policy",
         fragment=Fragment("with_policy", masters=masters, rounding=rounding),
         tags=tags,
-        state=_PolicyState(**parts) if parts else None,
+        state=Parts(**parts) if parts else None,
     )

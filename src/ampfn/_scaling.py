@@ -254,10 +254,25 @@ class Scaling:
         """Raise if this scaler cannot be made to agree across ranks."""
 
 
+class ScalerState(Scaling):
+    """Scaling whose state is a GradScaler's (or an object with its interface)."""
+
+    scaler: Any
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], /) -> None:
+        self.scaler.load_state_dict(state["scaler"])
+
+    def loss_scale(self, loss_id: int = 0) -> float:
+        return float(self.scaler.get_scale())
+
+
 # ------------------------------------------------------------------ GradScaler, public API
 
 
-class GradScalerScaling(Scaling):
+class GradScalerScaling(ScalerState):
     """Loss scaling through a GradScaler's public methods (``with_grad_scaling()``).
 
     ``ampfn.step`` reports a skip from what the guard hook saw: a non-fused optimizer's
@@ -280,15 +295,6 @@ class GradScalerScaling(Scaling):
         self.direct = True
         self.together = together if len(together) > 1 else ()
         self.bounds = bounds
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scaler": self.scaler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any], /) -> None:
-        self.scaler.load_state_dict(state["scaler"])
-
-    def loss_scale(self, loss_id: int = 0) -> float:
-        return float(self.scaler.get_scale())
 
     def check_ranks(self) -> None:
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
