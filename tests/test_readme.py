@@ -9,11 +9,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_ten_line_example_runs() -> None:
+def test_readme_first_pipeline_runs_and_is_as_long_as_it_says() -> None:
     text = (ROOT / "README.md").read_text()
-    section = text.split("## In ten lines", 1)[1]
+    heading, section = text.split("## A first pipeline (", 1)[1].split("\n", 1)
     match = re.search(r"```python\n(.*?)```", section, re.S)
     assert match is not None
+    code_lines = [line for line in match.group(1).splitlines() if line.strip()]
+    assert heading == f"{len(code_lines)} lines of code)"
     namespace: dict[str, object] = {}
     exec(compile(match.group(1), "README.md", "exec"), namespace)
     assert "checkpoint" in namespace
@@ -70,3 +72,18 @@ def test_fsdp2_example_resumes_bit_for_bit() -> None:
     assert "bit for bit the same as the uninterrupted run: True" in _torchrun(
         "fsdp2.py"
     )
+
+
+def test_readme_counts_the_property_example_truly() -> None:
+    text = (ROOT / "README.md").read_text()
+    lines = len(
+        (ROOT / "examples" / "property_test_my_model.py").read_text().splitlines()
+    )
+    assert f"of its own ({lines} lines, comments included)" in text
+
+
+def test_readme_and_errors_install_from_a_checkout() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert "pip install 'ampfn[" not in text
+    assert 'pip install "ampfn[' not in text
+    assert (ROOT / "LICENSE").exists()
