@@ -415,6 +415,11 @@ def test_apex_backend_without_apex_names_the_fix() -> None:
     assert ampfn.with_apex("O1").name == "with_apex"  # auto falls back to native
 
 
+def test_sync_ranks_needs_the_native_backend() -> None:
+    with pytest.raises(ValueError, match=r"sync_ranks=True needs backend='native'"):
+        ampfn.with_apex("O1", backend="apex", sync_ranks=True)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(
     not (HAS_APEX and torch.cuda.is_available()),

@@ -329,12 +329,14 @@ def with_apex(
         optimizer: the models' optimizer or a list of them (optimizer-like wrappers such
             as LARC too); needed by O2 and O3 and by ``num_losses > 1``.
         backend: "native" (ampfn's implementation, any device), "apex" (``apex.amp``,
-            CUDA), or "auto": apex when ``apex.amp`` imports and CUDA is present.
+            CUDA), or "auto": apex when ``apex.amp`` imports and CUDA is present, and
+            ``sync_ranks`` is not True.
         loss_scale, keep_batchnorm_fp32, master_weights: Apex's overrides.
         min_loss_scale, max_loss_scale: the dynamic scale's floor and ceiling.
         num_losses: how many losses, each with its own loss scaler.
         sync_ranks: agree on skips across ``torch.distributed`` ranks (as in
-            :func:`with_grad_scaling`).
+            :func:`with_grad_scaling`); native backend only: ``apex.amp`` decides each
+            rank's skips alone, as it always did.
 
     Returns:
         A stateful transform; ``ampfn.state_dict`` holds the loss scaler and the masters.
@@ -360,6 +362,11 @@ def with_apex(
         raise ValueError(
             f"{_API}: backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}"
         )
+    if sync_ranks is True and backend == "apex":
+        raise ValueError(
+            f"{_API}: sync_ranks=True needs backend='native' (apex.amp decides each "
+            "rank's skips alone); pass backend='native', or leave sync_ranks out"
+        )
     bounds = _check_scale_bounds(min_loss_scale, max_loss_scale)
     models, optimizers, device_type = _check_models(model, optimizer, props, num_losses)
     sync_ranks = resolve_sync_ranks(sync_ranks, _API)
@@ -367,7 +374,7 @@ def with_apex(
         check_autocast(device_type, torch.float16, _API)
     from ampfn._apex_backend import apex_amp, apex_transform
 
-    amp = apex_amp(backend)
+    amp = apex_amp("native" if sync_ranks else backend)
     if amp is not None:
         return apex_transform(
             amp,
