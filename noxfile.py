@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import nox
 
-# The CPU build of torch (an unpinned torch pulls a multi-GB CUDA build).
+# The torch CI tests. PyPI's wheel is the CUDA build (several GB): for the CPU one, run nox
+# with PIP_INDEX_URL=https://download.pytorch.org/whl/cpu PIP_EXTRA_INDEX_URL=https://pypi.org/simple
 TORCH = "torch==2.13.0"
 # torch_xla pins its own torch: the newest pair that installs here.
 XLA = ("torch==2.9.0", "torch_xla==2.9.0")

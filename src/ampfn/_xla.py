@@ -57,8 +57,8 @@ def with_xla_bf16(
     """bfloat16 training on an XLA device (TPU, or XLA's CPU backend with ``PJRT_DEVICE=CPU``).
 
     ``mode="mixed"``: the forward runs under ``torch.autocast("xla", dtype=torch.bfloat16)``
-    and weights stay fp32 (Lightning's ``precision="bf16-mixed"``; what
-    ``precision=16`` means on TPUs). ``mode="true"``: ``model``'s parameters and buffers
+    and weights stay fp32 (the recipe of Lightning's ``precision="bf16-mixed"``, which
+    Lightning's own XLA plugin refuses). ``mode="true"``: ``model``'s parameters and buffers
     are cast to bf16 once, here, and its forward casts floating inputs to bf16, with no
     autocast (Lightning's ``"bf16-true"``, without the deprecated ``XLA_USE_BF16``).
 
