@@ -7,6 +7,8 @@ import nox
 # The torch CI tests. PyPI's wheel is the CUDA build (several GB): for the CPU one, run nox
 # with PIP_INDEX_URL=https://download.pytorch.org/whl/cpu PIP_EXTRA_INDEX_URL=https://pypi.org/simple
 TORCH = "torch==2.13.0"
+# Pinned: a new release of either may change formatting or find new errors in CI.
+RUFF, MYPY = "ruff==0.17.6", "mypy==2.4.1"
 # torch_xla pins its own torch: the newest pair that installs here.
 XLA = ("torch==2.9.0", "torch_xla==2.9.0")
 
@@ -37,14 +39,14 @@ def properties(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff>=0.6")
+    session.install(RUFF)
     session.run("ruff", "check", *(session.posargs or ["."]))
     session.run("ruff", "format", "--check", *(session.posargs or ["."]))
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    session.install(TORCH, "-e", ".[test]", "mypy>=1.11")
+    session.install(TORCH, "-e", ".[test]", MYPY)
     session.run("mypy", "--strict", "src", *session.posargs)
     session.run("mypy", "tests", "benchmarks", "examples", *session.posargs)
 
