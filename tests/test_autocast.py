@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import ampfn
@@ -36,6 +38,96 @@ def test_forward_runs_under_autocast(spec: Any, dtype: torch.dtype) -> None:
     assert out.dtype == dtype
     assert enabled
     assert lin.weight.dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def _autocast_state() -> tuple[Any, ...]:
+    nesting = torch.autocast_increment_nesting() - 1
+    torch.autocast_decrement_nesting()
+    return (
+        torch.is_autocast_enabled("cpu"),
+        torch.get_autocast_dtype("cpu"),
+        torch.is_autocast_cache_enabled(),
+        nesting,
+    )
+
+
+HALVES = st.sampled_from([torch.float16, torch.bfloat16])
+
+
+@given(
+    outer_on=st.booleans(),
+    outer_dtype=HALVES,
+    outer_cache=st.booleans(),
+    dtype=HALVES,
+    cache=st.sampled_from([None, True, False]),
+    fails=st.booleans(),
+)
+def test_the_autocast_region_is_torch_autocasts(
+    outer_on: bool,
+    outer_dtype: torch.dtype,
+    outer_cache: bool,
+    dtype: torch.dtype,
+    cache: bool | None,
+    fails: bool,
+) -> None:
+    """Inside and after the wrapped step, the autocast state is what the identical
+    ``with torch.autocast(...)`` gives (ampfn enters it inline in eager code), raising or
+    not, whatever the state around it."""
+
+    def body() -> tuple[Any, ...]:
+        state = _autocast_state()
+        if fails:
+            raise KeyError("inside")
+        return state
+
+    wrapped = ampfn.with_autocast(dtype, "cpu", cache_enabled=cache)(body)
+
+    def by_hand() -> tuple[Any, ...]:
+        kwargs = {} if cache is None else {"cache_enabled": cache}
+        with torch.autocast("cpu", dtype=dtype, **kwargs):
+            return body()
+
+    results = []
+    was_cache = torch.is_autocast_cache_enabled()
+    try:
+        for run in (wrapped, by_hand):
+            with torch.autocast(
+                "cpu", dtype=outer_dtype, enabled=outer_on, cache_enabled=outer_cache
+            ):
+                before = _autocast_state()
+                try:
+                    inside = run()
+                except KeyError:
+                    inside = None
+                results.append((inside, _autocast_state() == before))
+    finally:
+        torch.set_autocast_cache_enabled(was_cache)
+    assert results[0] == results[1]
+    assert results[0][1]
+
+
+def test_the_autocast_cache_is_dropped_after_each_step() -> None:
+    """Autocast caches the half copies of leaf weights until the outermost region exits;
+    a step that kept them would compute with the weights of the step before."""
+    lin = nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    forward = ampfn.with_autocast("fp16", "cpu")(lin)
+    forward(x)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        expected = lin(x)
+    assert torch.equal(forward(x), expected)
+
+
+def test_the_autocast_region_under_a_torch_function_mode() -> None:
+    """Under a torch function mode (``torch.device`` here) ampfn uses torch.autocast
+    itself, which export's pre-dispatch tracing relies on."""
+    lin = nn.Linear(4, 4)
+    forward = ampfn.with_autocast("bf16", "cpu")(lin)
+    with torch.device("cpu"):
+        assert forward(torch.randn(2, 4)).dtype == torch.bfloat16
     assert not torch.is_autocast_enabled("cpu")
 
 

@@ -188,7 +188,12 @@ class Engine:
             _check_loss(loss)
         off = self.off
         if off:
-            if len(off) > 1 or _nest_autocast():
+            # _nest_autocast(), inline: this runs every step
+            if (
+                len(off) > 1
+                or getattr(local, "traced_autocast", True)
+                or (not _FLIP_TRACES and torch.compiler.is_dynamo_compiling())
+            ):
                 # several device types, or a traced autocast region: see autocast_off
                 kwargs["loss_id"] = loss_id
                 autocast_off(off, self._bare.backward, loss, kwargs)
@@ -389,7 +394,10 @@ def build(
     ends = tuple(
         f.end for f in reversed(fragments) if f.end is not None
     )  # innermost first
-    dev, dtype, ac_kwargs = autocast if autocast is not None else ("", None, {})
+    dev, dtype, ac_kwargs = (
+        autocast if autocast is not None else ("", torch.float32, {})  # (unused)
+    )
+    cache = ac_kwargs.get("cache_enabled")
 
     def pipeline_step(*args: Any, **kwargs: Any) -> Any:
         outer = getattr(local, "plan", None)
@@ -402,9 +410,30 @@ def build(
                 out = step(*args, **kwargs)
             else:
                 # whether this autocast region is entered in eager code (see autocast_off)
-                local.traced_autocast = torch.compiler.is_dynamo_compiling()
-                with torch.autocast(dev, dtype=dtype, **ac_kwargs):
-                    out = step(*args, **kwargs)
+                traced = local.traced_autocast = torch.compiler.is_dynamo_compiling()
+                if traced or torch._C._is_torch_function_mode_enabled():
+                    with torch.autocast(dev, dtype=dtype, **ac_kwargs):
+                        out = step(*args, **kwargs)
+                else:
+                    # torch.autocast's __enter__ and __exit__ in eager code, inline: its
+                    # per-use checks ran once, when the transform was made
+                    was_cache = torch.is_autocast_cache_enabled()
+                    was = torch.is_autocast_enabled(dev)
+                    was_dtype = torch.get_autocast_dtype(dev)
+                    torch.set_autocast_enabled(dev, True)
+                    torch.set_autocast_dtype(dev, dtype)
+                    torch.autocast_increment_nesting()
+                    torch.set_autocast_cache_enabled(
+                        was_cache if cache is None else cache
+                    )
+                    try:
+                        out = step(*args, **kwargs)
+                    finally:
+                        if torch.autocast_decrement_nesting() == 0:
+                            torch.clear_autocast_cache()
+                        torch.set_autocast_enabled(dev, was)
+                        torch.set_autocast_dtype(dev, was_dtype)
+                        torch.set_autocast_cache_enabled(was_cache)
             if outputs is not None:
                 out = outputs(out)
             failed = False
