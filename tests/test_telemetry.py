@@ -75,6 +75,44 @@ def test_records_follow_the_scaler_wherever_telemetry_sits(where: str) -> None:
     assert ampfn.loss_scale(step) == 2048.0
 
 
+class HalvedScaler(torch.amp.GradScaler):
+    """A subclass whose get_scale says something else: ampfn must ask it."""
+
+    def get_scale(self) -> float:
+        return super().get_scale() / 2
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.amp.GradScaler("cpu", init_scale=8.0),
+        lambda: torch.amp.GradScaler("cpu", enabled=False),
+        lambda: HalvedScaler("cpu", init_scale=8.0),
+    ],
+    ids=["GradScaler", "disabled", "subclass"],
+)
+def test_loss_scale_is_the_scalers_get_scale(make: Any) -> None:
+    scaler = make()
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    records: list[ampfn.StepRecord] = []
+
+    @ampfn.compose(ampfn.with_telemetry(records), ampfn.with_grad_scaling(scaler))
+    def train_step(x: torch.Tensor) -> None:
+        ampfn.backward((w * x).sum())
+        ampfn.step(opt)
+        opt.zero_grad()
+
+    seen = [ampfn.loss_scale(train_step)]
+    expected = [scaler.get_scale()]  # before the first step too (no scale tensor yet)
+    for x in (1.0, float("inf"), 1.0):
+        train_step(torch.full((2,), x))
+        seen.append(ampfn.loss_scale(train_step))
+        expected.append(scaler.get_scale())
+    assert seen == expected
+    assert [r.loss_scale for r in records] == expected[:-1]
+
+
 def test_every_and_grad_norm_and_names_without_a_model() -> None:
     model = mlp()
     opts = [

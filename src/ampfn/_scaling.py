@@ -266,7 +266,15 @@ class ScalerState(Scaling):
         self.scaler.load_state_dict(state["scaler"])
 
     def loss_scale(self, loss_id: int = 0) -> float:
-        return float(self.scaler.get_scale())
+        s = self.scaler
+        if (
+            type(s) is torch.amp.GradScaler
+        ):  # its get_scale, inline (telemetry's per-step read)
+            if not s._enabled:
+                return 1.0
+            t = s._scale
+            return float(s._init_scale) if t is None else float(t.item())
+        return float(s.get_scale())
 
 
 # ------------------------------------------------------------------ GradScaler, public API

@@ -78,7 +78,10 @@ class Telemetry:
 
     def before_backward(self, engine: Any, loss_id: int) -> None:
         if self.on and self.scale is _UNSET:
-            self.scale = engine.loss_scale(loss_id)
+            sc = engine.scaling
+            self.scale = (
+                engine.loss_scale(loss_id) if sc is None else sc.loss_scale(loss_id)
+            )
 
     def on_step(self, engine: Any, optimizer: Any, stepped: Any) -> None:
         if self.on:
@@ -116,15 +119,15 @@ class Telemetry:
     def end(self, failed: bool) -> None:
         if self.on and not failed:
             scale = None if self.scale is _UNSET else self.scale
-            self.sink(
-                StepRecord(
-                    step=self.count,
-                    loss_scale=None if scale is None else float(scale),
-                    stepped=tuple(self.stepped),
-                    grad_norm=None if self.norm is None else float(self.norm),
-                    nonfinite=tuple(dict.fromkeys(self.nonfinite)),
-                )
+            fields = (
+                self.count,
+                None if scale is None else float(scale),
+                tuple(self.stepped),
+                None if self.norm is None else float(self.norm),
+                tuple(dict.fromkeys(self.nonfinite)) if self.nonfinite else (),
             )
+            # StepRecord(*fields) without the Python frame of a NamedTuple's __new__
+            self.sink(tuple.__new__(StepRecord, fields))
         self.count += 1
         self.on = self.count % self.every == 0
         self.scale, self.norm = _UNSET, None
