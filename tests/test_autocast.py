@@ -131,6 +131,56 @@ def test_the_autocast_region_under_a_torch_function_mode() -> None:
     assert not torch.is_autocast_enabled("cpu")
 
 
+class MatmulSGD(torch.optim.SGD):
+    """An optimizer that multiplies matrices in its step, as Muon and Shampoo do."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, lr=0.1)
+        self.dtypes: list[torch.dtype] = []
+
+    @torch.no_grad()  # type: ignore[misc]
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.dim() == 2:
+                    self.dtypes.append((p.grad @ p.grad.T).dtype)
+        return super().step(closure)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda model, opt: ampfn.with_autocast("bf16", "cpu"),
+        lambda model, opt: ampfn.compose(
+            ampfn.with_grad_scaling(torch.amp.GradScaler("cpu", init_scale=256.0)),
+            ampfn.with_autocast("fp16", "cpu"),
+        ),
+        lambda model, opt: ampfn.with_apex(
+            "O1", model, opt, backend="native", loss_scale=256.0
+        ),
+    ],
+    ids=["bf16", "fp16+scaling", "apex-O1"],
+)
+def test_the_optimizer_steps_with_autocast_off(make: Any) -> None:
+    """Hand-written code steps outside the autocast region: so does ampfn.step."""
+    model = mlp()
+    opt = MatmulSGD(model.parameters())
+
+    @make(model, opt)
+    def train_step(b: Any) -> None:
+        ampfn.backward(model(b[0]).float().mean())
+        assert torch.is_autocast_enabled("cpu")  # the rest of the step is the forward's
+        ampfn.step(opt)
+        assert torch.is_autocast_enabled("cpu")
+        opt.zero_grad()
+
+    x = torch.randn(8, 8)
+    train_step((x,))
+    train_step((x,))
+    assert opt.dtypes
+    assert set(opt.dtypes) == {torch.float32}
+
+
 def test_backward_runs_with_autocast_off(device: str, half: torch.dtype) -> None:
     seen: list[bool] = []
     w = torch.ones(3, device=device, requires_grad=True)

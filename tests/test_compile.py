@@ -28,7 +28,8 @@ Step = Callable[[Batch], Any]
 
 # The guarantees are checked on torch 2.13 (the default suite's). Older dynamo cannot
 # trace a flip of the autocast flag: ampfn nests torch.autocast(enabled=False) around the
-# backward there, which adds two tiny graphs but no break reason, and compiles SGD with
+# backward and the optimizer step there, which adds two tiny graphs each but no break
+# reason, and compiles SGD with
 # last-bit differences from eager; test_compiled_steps_match_eager covers those releases.
 NEW_DYNAMO = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
 
@@ -273,7 +274,7 @@ def test_compiled_steps_add_no_graph_break_reason(name: str) -> None:
     if NEW_DYNAMO:
         assert our_graphs <= hand_graphs
     else:
-        assert our_graphs <= hand_graphs + 2  # the nested autocast's enter and exit
+        assert our_graphs <= hand_graphs + 4  # the nested autocasts' enters and exits
 
 
 @pytest.mark.parametrize("name", list(PIPELINES))

@@ -92,8 +92,9 @@ def check_autocast(
 def autocast_fragment(
     name: str, device_type: str, dtype: torch.dtype, cache_enabled: bool | None
 ) -> Fragment:
-    """The forward under ``torch.autocast``; backward, grad and clipping with autocast off
-    (PyTorch's advice). Also used by apex O1, XLA mixed and mixed policies."""
+    """The forward under ``torch.autocast``; backward, grad, clipping and the optimizer step
+    with autocast off (PyTorch's advice). Also used by apex O1, XLA mixed and mixed
+    policies."""
     kwargs: dict[str, Any] = (
         {} if cache_enabled is None else {"cache_enabled": cache_enabled}
     )
@@ -111,8 +112,9 @@ def with_autocast(
 ) -> Transform:
     """Run the step's forward pass under ``torch.autocast``.
 
-    The wrapped step runs inside ``torch.autocast(device_type, dtype)``; ``ampfn.backward``
-    (and ``ampfn.clip_grad_norm_``) inside it run with autocast off. Weights stay as they
+    The wrapped step runs inside ``torch.autocast(device_type, dtype)``; ``ampfn.backward``,
+    ``ampfn.step`` (and ``ampfn.grad``, ``ampfn.clip_grad_norm_``) inside it run with
+    autocast off, as in hand-written code. Weights stay as they
     are (fp32): this is "mixed" precision. Combine with :func:`with_grad_scaling` for fp16.
 
     Args:

@@ -53,7 +53,7 @@ class Fragment:
     )
     # the built-in effects
     autocast_off: str | None = (
-        None  # backward, grad and clipping run with autocast off here
+        None  # backward, grad, clipping and step run with autocast off here
     )
     scaling: Any = None  # loss scaling (ampfn._scaling)
     masters: Any = None  # fp32 master weights (ampfn._masters)
@@ -275,6 +275,32 @@ class Engine:
             o.on_step(self, optimizer, stepped)
         return stepped
 
+    def step_off(
+        self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """:meth:`step` with autocast off, where hand-written code steps (an optimizer's own
+        matmuls, as in Muon or Shampoo, are not autocast)."""
+        off = self.off
+        if (
+            len(off) > 1
+            or getattr(local, "traced_autocast", True)
+            or (not _FLIP_TRACES and torch.compiler.is_dynamo_compiling())
+        ):
+            return autocast_off(off, self._bare.step, optimizer, args, kwargs)
+        dev = off[0]
+        was = torch.is_autocast_enabled(dev)
+        torch.set_autocast_enabled(dev, False)
+        try:
+            if self.plain_step:
+                sc = self.scaling
+                if sc is None:
+                    optimizer.step(*args, **kwargs)
+                    return True
+                return sc.step(optimizer, args, kwargs)
+            return self.step(optimizer, args, kwargs)
+        finally:
+            torch.set_autocast_enabled(dev, was)
+
     def unscale_(self, optimizer: Any) -> None:
         if self.scaling is not None:
             self.scaling.unscale(optimizer)
@@ -344,10 +370,13 @@ class Plan:
         self.engine = engine = Engine(fragments)
         handlers = tuple(f.handler for f in fragments if f.handler is not None)
         for effect in EFFECTS:
-            setattr(self, effect, _chain(handlers, effect, getattr(engine, effect)))
+            base = getattr(
+                engine, "step_off" if effect == "step" and engine.off else effect
+            )
+            setattr(self, effect, _chain(handlers, effect, base))
         self.step: Callable[..., Any]
         # ampfn.step goes straight to optimizer.step, or to the scaler's step, when
-        # nothing else takes part in the step
+        # nothing else takes part in the step and autocast is not on
         direct = self.step == engine.step and engine.plain_step
         self.plain_step = direct and engine.scaling is None
         if direct and engine.scaling is not None:
