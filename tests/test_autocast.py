@@ -6,12 +6,13 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import ampfn
-from helpers import mlp
+from helpers import Batch, batches, mlp, params_equal
 
 
 @pytest.mark.parametrize(
@@ -179,6 +180,61 @@ def test_the_optimizer_steps_with_autocast_off(make: Any) -> None:
     train_step((x,))
     assert opt.dtypes
     assert set(opt.dtypes) == {torch.float32}
+
+
+def test_a_forward_after_the_step_sees_the_new_weights() -> None:
+    """Several updates in one call: each forward uses the weights the last step left,
+    not the region's cached half copies of the old ones."""
+    data = batches(3)
+
+    def make() -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = mlp()
+        return model, torch.optim.SGD(model.parameters(), lr=0.5)
+
+    model, opt = make()
+
+    @ampfn.with_autocast("bf16", "cpu")
+    def train_steps(bs: list[Batch]) -> list[torch.Tensor]:
+        losses = []
+        for x, y in bs:
+            loss = F.cross_entropy(model(x).float(), y)
+            ampfn.backward(loss)
+            ampfn.step(opt)
+            opt.zero_grad()
+            losses.append(loss.detach())
+        return losses
+
+    ref_model, ref_opt = make()
+    expected = []
+    for x, y in data:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(ref_model(x).float(), y)
+        loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        expected.append(loss.detach())
+    assert [float(v) for v in train_steps(data)] == [float(v) for v in expected]
+    assert params_equal(model, ref_model)
+
+
+def test_autocast_is_back_on_after_a_backward_that_raised() -> None:
+    """An error in ampfn.backward (here a bad loss_id, raised while telemetry reads the
+    scale) leaves the rest of the step under autocast."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: list[bool] = []
+
+    @ampfn.compose(
+        ampfn.with_telemetry([]),
+        ampfn.with_apex("O1", model, opt, backend="native", num_losses=2),
+    )
+    def train_step(x: torch.Tensor) -> None:
+        with pytest.raises(ValueError, match="loss_id is 5"):
+            ampfn.backward(model(x).float().sum(), loss_id=5)
+        seen.append(torch.is_autocast_enabled("cpu"))
+
+    train_step(torch.randn(4, 8))
+    assert seen == [True]
 
 
 def test_backward_runs_with_autocast_off(device: str, half: torch.dtype) -> None:

@@ -41,7 +41,9 @@ class Handler:
     like middleware, and around ampfn's own work: the last ``proceed`` runs the
     pipeline's built-in effects (autocast off, loss scaling, master weights, ...) as one
     fixed sequence. So a handler sees the loss before it is scaled and the result of a
-    step after a skip. Methods it does not override cost nothing.
+    step after a skip. Methods it does not override cost nothing. A handler's own code
+    runs in the step's context (under the forward's autocast, if any); only what it
+    proceeds to runs with autocast off.
 
     Install one with :func:`ampfn.with_handler`.
 

@@ -202,9 +202,9 @@ class Engine:
             dev = off[0]
             was = torch.is_autocast_enabled(dev)
             torch.set_autocast_enabled(dev, False)
-        for o in self.observers:
-            o.before_backward(self, loss_id)
         try:
+            for o in self.observers:
+                o.before_backward(self, loss_id)
             sc = self.scaling
             if sc is None:
                 loss.backward(**kwargs)  # type: ignore[no-untyped-call]
@@ -286,20 +286,26 @@ class Engine:
             or getattr(local, "traced_autocast", True)
             or (not _FLIP_TRACES and torch.compiler.is_dynamo_compiling())
         ):
-            return autocast_off(off, self._bare.step, optimizer, args, kwargs)
-        dev = off[0]
-        was = torch.is_autocast_enabled(dev)
-        torch.set_autocast_enabled(dev, False)
-        try:
-            if self.plain_step:
-                sc = self.scaling
-                if sc is None:
+            stepped = autocast_off(off, self._bare.step, optimizer, args, kwargs)
+        else:
+            dev = off[0]
+            was = torch.is_autocast_enabled(dev)
+            torch.set_autocast_enabled(dev, False)
+            try:
+                if not self.plain_step:
+                    stepped = self.step(optimizer, args, kwargs)
+                elif self.scaling is None:
                     optimizer.step(*args, **kwargs)
-                    return True
-                return sc.step(optimizer, args, kwargs)
-            return self.step(optimizer, args, kwargs)
-        finally:
-            torch.set_autocast_enabled(dev, was)
+                    stepped = True
+                else:
+                    stepped = self.scaling.step(optimizer, args, kwargs)
+            finally:
+                torch.set_autocast_enabled(dev, was)
+        if not torch.compiler.is_dynamo_compiling():
+            # The region's cached half copies of the weights are stale now: hand-written
+            # code steps after leaving the region, which drops them.
+            torch.clear_autocast_cache()
+        return stepped
 
     def unscale_(self, optimizer: Any) -> None:
         if self.scaling is not None:
