@@ -301,9 +301,10 @@ class Engine:
                     stepped = self.scaling.step(optimizer, args, kwargs)
             finally:
                 torch.set_autocast_enabled(dev, was)
-        if not torch.compiler.is_dynamo_compiling():
+        if _FLIP_TRACES or not torch.compiler.is_dynamo_compiling():
             # The region's cached half copies of the weights are stale now: hand-written
-            # code steps after leaving the region, which drops them.
+            # code steps after leaving the region, which drops them. (Dynamo traces this
+            # call from torch 2.13 on; older releases break the graph on it.)
             torch.clear_autocast_cache()
         return stepped
 
