@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -174,6 +178,68 @@ def test_apex_levels_master_weights_and_sync_free() -> None:
         n=4,
     )
     assert [r.stepped for r in records] == [(True,), (True,), (False,), (True,)]
+
+
+SRC = str(Path(ampfn.__file__).parent)
+
+
+@contextmanager
+def host_reads() -> Iterator[list[str]]:
+    """Records each Tensor.item / __bool__ / __float__ / __int__ / tolist called from ampfn."""
+    names = ("item", "__bool__", "__float__", "__int__", "tolist")
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+    calls: list[str] = []
+
+    def counted(name: str, fn: Any) -> Any:
+        def read(t: torch.Tensor, *args: Any) -> Any:
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.startswith(SRC):
+                calls.append(f"{name} in {caller.co_name}")
+            return fn(t, *args)
+
+        return read
+
+    for n, fn in originals.items():
+        setattr(torch.Tensor, n, counted(n, fn))
+    try:
+        yield calls
+    finally:
+        for n, fn in originals.items():
+            setattr(torch.Tensor, n, fn)
+
+
+def test_only_a_recorded_call_reads_the_device() -> None:
+    """A host read is a sync on a GPU: calls that emit no record must make none (every=3)."""
+    model = mlp()
+    # (momentum: plain SGD keeps no tensor state, so sync-free scaling reads it on the host)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    records: list[ampfn.StepRecord] = []
+    overflow = {"now": False}
+
+    @ampfn.compose(
+        ampfn.with_telemetry(records, model=model, every=3),
+        ampfn.with_grad_scaling(gs(), sync=False),
+    )
+    def train_step(b: Batch) -> None:
+        loss = F.cross_entropy(model(b[0]).float(), b[1])
+        ampfn.backward(loss * (float("inf") if overflow["now"] else 1.0))
+        ampfn.clip_grad_norm_(model.parameters(), 1.0, opt)
+        ampfn.step(opt)
+        opt.zero_grad(set_to_none=True)
+
+    reads_per_call = []
+    for i, b in enumerate(batches(7)):
+        overflow["now"] = i in (
+            1,
+            3,
+        )  # a skipped step on a quiet call and a recorded one
+        with host_reads() as calls:
+            train_step(b)
+        reads_per_call.append(calls)
+    assert [r.step for r in records] == [0, 3, 6]
+    assert [i for i, calls in enumerate(reads_per_call) if calls] == [0, 3, 6]
+    assert records[1].skipped
+    assert records[1].nonfinite
 
 
 def test_no_scaler_means_no_scale() -> None:
