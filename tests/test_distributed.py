@@ -270,29 +270,45 @@ def _ddp_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
     except AssertionError as e:
         res["check sync-free"] = str(e)
 
-    def make_apex(seed: int) -> tuple[Any, nn.Module, Any]:
-        torch.manual_seed(seed)
-        inner = mlp(seed)
-        opt = torch.optim.SGD(inner.parameters(), lr=0.05, momentum=0.9)
-        apex = ampfn.with_apex(
-            "O2", inner, opt, backend="native"
-        )  # cast before DDP wraps it
-        model = DDP(inner)
+    def make_apex(
+        level: str, losses: int = 1, **kw: Any
+    ) -> Callable[[int], tuple[Any, nn.Module, Any]]:
+        def make(seed: int) -> tuple[Any, nn.Module, Any]:
+            torch.manual_seed(seed)
+            inner = mlp(seed)
+            opt = torch.optim.SGD(inner.parameters(), lr=0.05, momentum=0.9)
+            apex = ampfn.with_apex(
+                level, inner, opt, backend="native", num_losses=losses, **kw
+            )  # cast before DDP wraps it
+            model = DDP(inner)
 
-        @apex
-        def step(b: Batch) -> Any:
-            ampfn.backward(F.cross_entropy(model(b[0]).float(), b[1]))
-            stepped = ampfn.step(opt)
-            opt.zero_grad(set_to_none=True)
-            return stepped
+            @apex
+            def step(b: Batch) -> Any:
+                for loss_id in range(losses):
+                    loss = F.cross_entropy(model(b[0]).float(), b[1])
+                    ampfn.backward(loss, loss_id=loss_id)
+                stepped = ampfn.step(opt)
+                opt.zero_grad(set_to_none=True)
+                return stepped
 
-        return step, model, opt
+            return step, model, opt
 
-    try:
-        testing.check_ranks_agree(make_apex, ampfn.compose(), local, steps=4)
-        res["check apex-O2"] = "agree"
-    except AssertionError as e:
-        res["check apex-O2"] = str(e)
+        return make
+
+    # the native GradScaler (O2), and Apex's per-loss scaler (ApexScaling): several
+    # losses, and fp16 gradients (O2 without master weights)
+    for name, make_it in {
+        "apex-O2": make_apex("O2"),
+        "apex-O1 num_losses=2": make_apex("O1", 2),
+        "apex-O2 master_weights=False": make_apex(
+            "O2", master_weights=False, sync_ranks=True
+        ),
+    }.items():
+        try:
+            testing.check_ranks_agree(make_it, ampfn.compose(), local, steps=4)
+            res[f"check {name}"] = "agree"
+        except AssertionError as e:
+            res[f"check {name}"] = str(e)
     return res
 
 
@@ -333,6 +349,8 @@ def test_ddp_ranks_agree_after_a_rank_local_inf_only_with_sync_ranks(
         assert r["check sync_ranks=None"] == "agree"
         assert r["check sync-free"] == "agree"
         assert r["check apex-O2"] == "agree"
+        assert r["check apex-O1 num_losses=2"] == "agree"
+        assert r["check apex-O2 master_weights=False"] == "agree"
         # without it GradScaler lets rank 0 step while rank 1 skips: the check catches it
         assert (
             "after step 2, rank 1's ampfn.step results [(0, False)] differ from rank 0's [(0, True)]"

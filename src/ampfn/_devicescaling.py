@@ -8,7 +8,10 @@
   ``num_losses`` scalers, fp16 gradients, a static scale. As in Apex, each backward is
   unscaled as soon as it finishes (with its own loss's scale) and its scale updated,
   and the step is skipped, for every optimizer, when any backward since the last step
-  overflowed.
+  overflowed. With several ranks, each backward's overflow is all-reduced (so the
+  scales stay identical), and at an update's first ``ampfn.step`` every optimizer's
+  gradients are checked once more and the flag all-reduced again, so that a gradient
+  made non-finite on one rank after its backward skips the step on every rank.
 
 The kernels are GradScaler's: ``torch._amp_foreach_non_finite_check_and_unscale_`` and
 ``torch._amp_update_scale_``.
@@ -328,6 +331,7 @@ class ApexScaling(Scaling):
         self.overflow = torch.zeros(
             (), dtype=torch.float32, device=scales[0].scale.device
         )
+        self.agreed_update = False  # the ranks agreed on this update's skip
         self._stash: list[torch.Tensor | None] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -407,11 +411,12 @@ class ApexScaling(Scaling):
         self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> bool:
         self.check_step(optimizer)
-        if self.dynamic and bool(
-            self.overflow
-        ):  # Apex reads its overflow flag on the host too
-            self.stepped_now(optimizer)
-            return False
+        if self.dynamic:
+            if not self.agreed_update and self.sync_ranks is not False and self.ranks():
+                self.agree(optimizer)
+            if bool(self.overflow):  # Apex reads its overflow flag on the host too
+                self.stepped_now(optimizer)
+                return False
         self.sanctioned = True
         try:
             optimizer.step(*args, **kwargs)
@@ -420,8 +425,26 @@ class ApexScaling(Scaling):
         self.stepped_now(optimizer)
         return True
 
+    def agree(self, optimizer: Any) -> None:
+        """At an update's first step, with several ranks: fold in whether any gradient of
+        this scaler's optimizers is non-finite now (each backward was checked as it
+        finished, but a rank-local hook, clip or fault may change a gradient after that),
+        and all-reduce (MAX) the overflow flag, once for all of them, on the device."""
+        from ampfn._distributed import all_reduce_max
+
+        optimizers = {id(o): o for o in (*self.optimizers, optimizer)}
+        grads = [p.grad for o in optimizers.values() for p in _params_with_grads(o)]
+        found = torch.zeros_like(self.overflow)
+        if grads:  # GradScaler's kernel, times 1: a check that changes nothing
+            unscale_grads(grads, torch.ones_like(self.overflow), found)  # type: ignore[arg-type]
+        self.overflow.add_(found)
+        all_reduce_max(self.overflow)
+        self.agreed_update = True
+
     def finish(self, failed: bool) -> None:
         updated = self.any_step
         if updated:
             self.overflow.zero_()
+        if updated or failed:
+            self.agreed_update = False
         self.end_call(failed, updated)
