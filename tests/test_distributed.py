@@ -673,3 +673,96 @@ def test_check_ranks_agree_needs_a_process_group() -> None:
         testing.check_ranks_agree(
             lambda s: (lambda b: b, mlp(), None), ampfn.with_grad_scaling(), [1]
         )
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A process group of one rank in this process, and the shapes all-reduced in it."""
+    import ampfn._distributed
+
+    calls: list[tuple[int, ...]] = []
+    real = ampfn._distributed.all_reduce_max
+
+    def counting(found: torch.Tensor) -> None:
+        calls.append(tuple(found.shape))
+        real(found)
+
+    monkeypatch.setattr(ampfn._distributed, "all_reduce_max", counting)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield calls
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_optimizer_step(
+    transform: Callable[..., Any], clip: bool, losses: int = 1
+) -> Callable[[torch.Tensor], Any]:
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 1)
+    oa = torch.optim.SGD(a.parameters(), lr=0.1)
+    ob = torch.optim.SGD(b.parameters(), lr=0.1)
+
+    @transform(a, b, oa, ob)
+    def step(x: torch.Tensor) -> Any:
+        for loss_id in range(losses):
+            ampfn.backward(b(a(x)).pow(2).mean(), loss_id=loss_id)
+        if clip:
+            ampfn.clip_grad_norm_(a.parameters(), 1.0, oa)
+            ampfn.clip_grad_norm_(b.parameters(), 1.0, ob)
+        ampfn.step(oa)
+        ampfn.step(ob)
+        oa.zero_grad(set_to_none=True)
+        ob.zero_grad(set_to_none=True)
+
+    return step
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "sync-free"])
+def test_with_grad_scaling_all_reduces_once_per_step_of_an_optimizer_not_agreed_on(
+    one_rank_group: list[tuple[int, ...]], sync: bool
+) -> None:
+    calls = one_rank_group
+    # one optimizer: one all-reduce per update
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = ampfn.with_grad_scaling(gs(), sync=sync, sync_ranks=True)
+    step = t(step_fn(model, opt))
+    for b in batches(3):
+        step([b])
+    assert len(calls) == 3
+    for clip, expected in ((True, [(2,)]), (False, [(1,), (1,)])):
+        calls.clear()
+        step2 = _two_optimizer_step(
+            lambda *_: ampfn.with_grad_scaling(gs(), sync=sync, sync_ranks=True), clip
+        )
+        step2(torch.randn(8, 4))
+        # both unscaled (clipped) before the first step: one collective for both;
+        # stepped without unscaling first: one per optimizer
+        assert calls == expected, (clip, calls)
+
+
+def test_with_apex_all_reduces_once_per_update_and_once_per_backward_of_its_own_scaler(
+    one_rank_group: list[tuple[int, ...]],
+) -> None:
+    calls = one_rank_group
+
+    def apex(losses: int) -> Callable[..., Any]:
+        return lambda a, b, oa, ob: ampfn.with_apex(
+            "O1",
+            nn.ModuleList([a, b]),
+            [oa, ob],
+            backend="native",
+            sync_ranks=True,
+            num_losses=losses,
+        )
+
+    _two_optimizer_step(apex(1), clip=False)(torch.randn(8, 4))
+    assert calls == [(2,)]  # a GradScaler: every optimizer together, once
+    calls.clear()
+    _two_optimizer_step(apex(2), clip=False, losses=2)(torch.randn(8, 4))
+    assert calls == [(), (), ()]  # Apex's scaler: one per backward, one per update

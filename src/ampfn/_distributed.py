@@ -3,8 +3,16 @@ mixed-precision policy for ampfn's precision names, and what a scaler must handl
 gradients are FSDP-sharded.
 
 Skips agree across ranks by construction: the scaling transforms all-reduce (MAX) the
-``found_inf`` of an update's optimizers, in one collective, before deciding (see
-``ampfn._scaling``). With DDP a non-finite value produced in the backward already reaches
+``found_inf`` flags on the device before deciding (see ``ampfn._scaling``).
+``with_grad_scaling`` (and ``with_apex``'s GradScaler) all-reduces once per
+``ampfn.step`` of an optimizer not yet agreed on in this update: one collective for
+every optimizer unscaled (``ampfn.unscale_``, ``ampfn.clip_grad_norm_``) before the first
+step, and one more for each optimizer stepped without that, since ampfn cannot know a
+later optimizer's gradients at the first step without unscaling them early; one
+optimizer costs one all-reduce per update. ``with_apex``'s GradScaler steps all its
+optimizers together, in one collective. Apex's own per-loss scaler (``num_losses > 1``,
+fp16 gradients, dynamic O3) all-reduces once per backward (which keeps the loss scales
+identical) and once per update (at the first step). With DDP a non-finite value produced in the backward already reaches
 every rank through the gradient all-reduce; the extra collective covers what happens to
 a rank's gradients after it (a rank-local hook or clip, parameters DDP ignores, a
 hardware fault). With FSDP2, GradScaler's unscale kernel already reduces ``found_inf``

@@ -469,9 +469,14 @@ def with_grad_scaling(
             shows. Traces under ``torch.compile`` without GradScaler's graph breaks.
         sync_ranks: make every rank take the same skip decision when
             ``torch.distributed`` runs several ranks: ``found_inf`` is all-reduced (MAX)
-            once per update. None: when a process group of more than one rank is
-            initialized. False: never (a scaler that agrees by itself, or one rank).
-            Costs one small all-reduce per update.
+            on the device before the skip is decided. None: when a process group of
+            more than one rank is initialized. False: never (a scaler that agrees by
+            itself, or one rank). Costs one small all-reduce per ``ampfn.step`` of an
+            optimizer not yet agreed on in this update: one in all for one optimizer,
+            or for several optimizers all unscaled (``ampfn.unscale_`` or
+            ``ampfn.clip_grad_norm_``) before the first step; otherwise one per
+            optimizer, since ampfn cannot know a later optimizer's gradients at the
+            first step without unscaling them early.
 
     Returns:
         A stateful transform: ``ampfn.state_dict`` of a wrapped step includes the scaler.
