@@ -188,6 +188,11 @@ def with_float8(
             f"{_API}: fsdp_float8_all_gather works with the tensorwise recipe only, got {recipe!r}"
         )
     float8 = _import_torchao()
+    if any(isinstance(m, float8.float8_linear.Float8Linear) for m in model.modules()):
+        raise ValueError(
+            f"{_API}: the model was already converted by with_float8 (it holds Float8Linear "
+            "layers); convert a model once, and reuse that transform"
+        )
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     if emulate is None:
