@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Iterator
@@ -319,3 +320,67 @@ def test_bad_arguments() -> None:
         match=r"compose\(\*transforms\): the transform at position 0 is the factory with_telemetry",
     ):
         ampfn.compose(ampfn.with_telemetry)
+
+
+def test_a_bare_decorator_on_a_step_is_caught() -> None:
+    """@ampfn.with_telemetry without a call makes the step the sink: caught at once
+    (a step of two arguments cannot be a sink) or at the step's first call."""
+    model = torch.nn.Linear(2, 1)
+    call_it = r"ampfn.with_telemetry is a transform factory, not a transform: call it: @ampfn.with_telemetry\(sink\)"
+    with pytest.raises(
+        TypeError,
+        match=r"the sink train_step\(model, x\) cannot be called with one StepRecord",
+    ):
+
+        @ampfn.with_telemetry
+        def train_step(model: torch.nn.Module, x: torch.Tensor) -> None:
+            ampfn.backward(model(x).sum())
+
+    @ampfn.with_telemetry
+    def one_argument(batch: Any) -> None:
+        ampfn.backward(model(batch).sum())
+
+    for args in [(model,), (torch.ones(2),), ((torch.ones(2), 1),), ()]:
+        with pytest.raises(TypeError, match=call_it):
+            one_argument(*args)
+    with pytest.raises(TypeError, match="got 2 arguments"):
+        one_argument(model, torch.ones(2))  # type: ignore[call-arg]
+    assert model.weight.grad is None
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.records: list[ampfn.StepRecord] = []
+
+    def __call__(self, record: ampfn.StepRecord) -> None:
+        self.records.append(record)
+
+    def add(self, *records: ampfn.StepRecord, prefix: str = "") -> None:
+        self.records.extend(records)
+
+
+def test_every_kind_of_sink_is_still_a_sink() -> None:
+    got: list[Any] = []
+
+    def log(record: ampfn.StepRecord) -> None:
+        got.append(record)
+
+    obj = Sink()
+    sinks: list[Any] = [
+        got,
+        got.append,
+        log,
+        lambda r: got.append(r),
+        telemetry.to_logging(),
+        obj,
+        obj.add,
+        functools.partial(obj.add, prefix="x"),
+        logging.getLogger("ampfn.test").debug,
+        str,  # a builtin without a signature
+        tuple,  # a class called with the record
+    ]
+    for sink in sinks:
+        step = ampfn.with_telemetry(sink)(lambda batch: batch)
+        assert step(3) == 3
+    assert len(got) == 4
+    assert len(obj.records) == 3

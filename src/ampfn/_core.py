@@ -203,7 +203,8 @@ def factory(
 
     ``@ampfn.with_grad_scaling`` on a step, or ``compose(ampfn.with_autocast)``, would
     otherwise fail later with an unrelated message. A factory whose first argument may be
-    a function (a telemetry sink) sets ``takes_functions``; compose still catches it.
+    a function (a telemetry sink) sets ``takes_functions`` and catches the misuse itself
+    (see ``ampfn._telemetry.TelemetryTransform``); compose still catches it.
     """
 
     def mark(fn: Callable[P, R]) -> Callable[P, R]:

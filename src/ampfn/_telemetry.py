@@ -8,6 +8,7 @@ finite. At the end of every ``every``-th call it hands one record to the sink.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -134,6 +135,56 @@ class Telemetry:
         self.stepped, self.nonfinite = [], []
 
 
+_CALL_IT = (
+    "ampfn.with_telemetry is a transform factory, not a transform: call it: "
+    "@ampfn.with_telemetry(sink)"
+)
+
+
+def _cannot_take_a_record(sink: Callable[..., Any]) -> str | None:
+    """How ``sink`` is called, if it cannot be called with one record (else None)."""
+    try:
+        sig = inspect.signature(sink)
+    except (TypeError, ValueError):  # a builtin without a signature: cannot tell
+        return None
+    try:
+        sig.bind(None)
+    except TypeError:
+        bare = sig.replace(
+            parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+            return_annotation=sig.empty,
+        )
+        return f"{getattr(sink, '__name__', type(sink).__name__)}{bare}"
+    return None
+
+
+class TelemetryTransform(Transform):
+    """The transform :func:`with_telemetry` returns.
+
+    Its sink may be any function, so ``@ampfn.with_telemetry`` put on a step without
+    calling it takes the step as the sink, and binds the step's name to this transform.
+    The first call of that name then hands it the step's arguments instead of a step: a
+    model, a tensor, a batch, or several of them. None of those is a step (a model's
+    forward calls no effect that telemetry observes), so they are refused with the fix.
+    """
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) != 1 or kwargs:
+            got = f"{len(args)} arguments" + (
+                f" and keywords {', '.join(kwargs)}" if kwargs else ""
+            )
+        elif isinstance(args[0], nn.Module) or not callable(args[0]):
+            got = f"a {type(args[0]).__name__}"
+        else:
+            return super().__call__(args[0])
+        raise TypeError(
+            f"with_telemetry(sink)(step): expected one step function, got {got}. Was "
+            f"@ampfn.with_telemetry put on a step without calling it? {_CALL_IT}"
+        )
+
+
 @factory(takes_functions=True)
 def with_telemetry(
     sink: Any, *, model: nn.Module | None = None, every: int = 1
@@ -159,7 +210,11 @@ def with_telemetry(
         A transform.
 
     Raises:
-        TypeError: ``sink`` is neither callable nor a list, ``model`` is not a module.
+        TypeError: ``sink`` is neither callable nor a list, or cannot be called with one
+            record (``@ampfn.with_telemetry`` put on a step of two arguments without
+            calling it); ``model`` is not a module. Put on a one-argument step without
+            calling it, the factory makes that step the sink: the first call of the
+            step then raises ``TypeError`` (it hands the transform a batch, not a step).
         ValueError: ``every`` is not a positive int.
 
     Example:
@@ -183,6 +238,13 @@ def with_telemetry(
         raise TypeError(
             f"{api}: sink must be a callable taking a StepRecord, or a list, got {type(sink).__name__}"
         )
+    else:
+        called = _cannot_take_a_record(sink)
+        if called is not None:
+            raise TypeError(
+                f"{api}: the sink {called} cannot be called with one StepRecord. If it is "
+                f"your step: {_CALL_IT}"
+            )
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(
             f"{api}: model must be an nn.Module, got {type(model).__name__}"
@@ -191,7 +253,7 @@ def with_telemetry(
         raise ValueError(f"{api}: every must be an int >= 1, got {every!r}")
     names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
     observer = Telemetry(sink, names, every)
-    return Transform(
+    return TelemetryTransform(
         "with_telemetry",
         fragment=Fragment("with_telemetry", observer=observer, end=observer.end),
     )
