@@ -291,3 +291,28 @@ def test_apex_loss_scale_keeps_grad_scalers_state_format() -> None:
     )
     other.load_state_dict(state)
     assert other.state_dict() == state
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["step", "clip"])
+def test_sync_free_fp16_gradients_are_a_clear_error(clip: bool) -> None:
+    model = mlp().half()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batches(1)[0]
+
+    @ampfn.with_grad_scaling(gs(), sync=False)
+    def step(b: Batch) -> Any:
+        ampfn.backward(F.cross_entropy(model(b[0].half()).float(), b[1]))
+        if clip:
+            ampfn.clip_grad_norm_(model.parameters(), 1.0, opt)
+        return ampfn.step(opt)
+
+    with pytest.raises(
+        ValueError,
+        match=r"with_grad_scaling\(sync=False\): .*fp16.* needs fp32 gradients.*"
+        r"with_autocast.*with_apex",
+    ):
+        step((x, y))
+    assert all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)
+    )

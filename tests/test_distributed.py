@@ -432,6 +432,25 @@ def _fsdp2_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
         res["fp16 shards"] = "no error"
     except ValueError as e:
         res["fp16 shards"] = str(e)
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    for name, scaler in (
+        ("GradScaler", gs()),
+        ("ShardedGradScaler", ShardedGradScaler("cpu", init_scale=2.0**10)),
+    ):
+        sync_free = ampfn.with_grad_scaling(scaler, sync=False)(step_fn(half, half_opt))
+        try:
+            sync_free(
+                [
+                    (
+                        shard(global_batches(1)[0], rank)[0].half(),
+                        shard(global_batches(1)[0], rank)[1],
+                    )
+                ]
+            )
+            res[f"fp16 shards sync-free {name}"] = "no error"
+        except ValueError as e:
+            res[f"fp16 shards sync-free {name}"] = str(e)
 
     # a sharded checkpoint: torch.distributed.checkpoint for the model and optimizer,
     # ampfn's pipeline state beside them; the resumed run (other processes) continues
@@ -528,6 +547,14 @@ def test_fsdp2_fp16_shards_are_a_clear_error(
             in r["fp16 shards"]
         )
         assert "fsdp_mixed_precision('16-mixed')" in r["fp16 shards"]
+        for name in ("GradScaler", "ShardedGradScaler"):
+            message = r[f"fp16 shards sync-free {name}"]
+            assert message.startswith(
+                "with_grad_scaling(sync=False): the FSDP-sharded gradients are fp16"
+            ), message
+            assert "needs fp32 gradients" in message
+            assert "fsdp_mixed_precision('16-mixed')" in message
+            assert "sync=True with a ShardedGradScaler" in message
 
 
 def test_fsdp2_sharded_checkpoint_resumes_bit_for_bit(

@@ -136,6 +136,7 @@ class SyncFreeScaling(ScalerState):
     """``with_grad_scaling(scaler, sync=False)``: GradScaler's algorithm on its own tensors."""
 
     scaler: torch.amp.GradScaler
+    sync_free = True
 
     def __init__(
         self, api: str, scaler: torch.amp.GradScaler, *, sync_ranks: bool | None
@@ -190,9 +191,7 @@ class SyncFreeScaling(ScalerState):
         found = torch.zeros((), dtype=torch.float32, device=scale.device)
         grads = [p.grad for p in _params_with_grads(optimizer)]
         if any(g.dtype == torch.float16 for g in grads):  # type: ignore[union-attr]
-            raise ValueError(
-                "Attempting to unscale FP16 gradients."
-            )  # GradScaler's own rule
+            raise ValueError(_fp16_grads(grads))  # GradScaler's own rule
         unscale_grads(grads, scale.double().reciprocal().float(), found)  # type: ignore[arg-type]
         self.founds[key] = found
         self.unscaled[key] = optimizer
@@ -255,6 +254,26 @@ class SyncFreeScaling(ScalerState):
                     raise
             self.founds.clear()
         self.end_call(failed, updated)
+
+
+def _fp16_grads(grads: list[Any]) -> str:
+    """Why the sync-free mode refuses these fp16 gradients, and what to do instead."""
+    if any(type(g).__name__ == "DTensor" for g in grads):
+        return (
+            "with_grad_scaling(sync=False): the FSDP-sharded gradients are fp16, and the "
+            "sync-free mode needs fp32 gradients (it unscales them as torch.amp.GradScaler "
+            "does, which refuses fp16 ones, whatever the scaler); keep the model's "
+            "parameters fp32 and let FSDP2 compute in fp16 (fully_shard(module, "
+            "mp_policy=ampfn.fsdp_mixed_precision('16-mixed')) keeps the sharded gradients "
+            "fp32), or use sync=True with a ShardedGradScaler, which unscales fp16 gradients"
+        )
+    return (
+        "with_grad_scaling(sync=False): the gradients are fp16, and the sync-free mode "
+        "needs fp32 gradients (it unscales them as torch.amp.GradScaler does, which "
+        "refuses fp16 ones); keep the model's parameters fp32 and compute in fp16 with "
+        "with_autocast('fp16'), or for an fp16 model use with_apex('O2', model, "
+        "optimizer) (fp32 master weights, or Apex's scaler for fp16 gradients)"
+    )
 
 
 def _device(optimizer: Any) -> torch.device:

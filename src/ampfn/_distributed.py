@@ -115,9 +115,12 @@ def fsdp_mixed_precision(policy: Any) -> Any:
     )
 
 
-def check_sharded_grads(optimizer: Any, scaler: Any, api: str) -> None:
+def check_sharded_grads(
+    optimizer: Any, scaler: Any, api: str, *, sync_free: bool = False
+) -> None:
     """Before an optimizer's first scaled step: gradients that FSDP2 shards (DTensors) must
-    be what the scaler can unscale, or the error says what to change."""
+    be what the scaler can unscale, or the error says what to change. ``sync_free``: the
+    scaler is ``with_grad_scaling(sync=False)``, which refuses fp16 gradients itself."""
     tensor_module = sys.modules.get("torch.distributed.tensor")
     if tensor_module is None:  # nothing made a DTensor in this process
         return
@@ -141,7 +144,8 @@ def check_sharded_grads(optimizer: Any, scaler: Any, api: str) -> None:
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
     if (
-        any(g.dtype == torch.float16 for g in sharded)
+        not sync_free
+        and any(g.dtype == torch.float16 for g in sharded)
         and isinstance(scaler, torch.amp.GradScaler)
         and not isinstance(scaler, ShardedGradScaler)
     ):

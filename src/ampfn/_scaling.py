@@ -146,6 +146,7 @@ class Scaling:
     """
 
     per_backward = False  # True: unscale after each backward (Apex's way)
+    sync_free = False  # True: with_grad_scaling(sync=False)
     direct = False  # True: the engine scales the loss with self.scaler.scale itself
 
     def __init__(self, api: str, sync_ranks: bool | None) -> None:
@@ -180,7 +181,12 @@ class Scaling:
         if id(optimizer) not in self.checked:
             from ampfn._distributed import check_sharded_grads
 
-            check_sharded_grads(optimizer, getattr(self, "scaler", None), self.api)
+            check_sharded_grads(
+                optimizer,
+                getattr(self, "scaler", None),
+                self.api,
+                sync_free=self.sync_free,
+            )
             self.checked.add(id(optimizer))
 
     def restart_or_refuse(self) -> None:
@@ -464,7 +470,8 @@ def with_grad_scaling(
             ``ampfn.step`` returns a 0-dim bool tensor, the skip happens on the device
             (fused optimizers take ``found_inf``; others get a masked update, which costs
             one copy of their parameters and optimizer state per step), and the scale
-            updates on the device. Needs a ``torch.amp.GradScaler``, whose state stays
+            updates on the device. Needs fp32 gradients (fp16 ones are a ValueError, as
+            in GradScaler) and a ``torch.amp.GradScaler``, whose state stays
             the authority: its ``get_scale()`` and ``state_dict()`` are what a syncing run
             shows. Traces under ``torch.compile`` without GradScaler's graph breaks.
         sync_ranks: make every rank take the same skip decision when
@@ -484,7 +491,8 @@ def with_grad_scaling(
     Raises:
         TypeError: ``scaler`` lacks GradScaler's methods, or ``sync=False`` with a scaler
             that is not a ``torch.amp.GradScaler``.
-        ValueError: ``sync_ranks=True`` with no process group.
+        ValueError: ``sync_ranks=True`` with no process group; at the first step,
+            ``sync=False`` with fp16 gradients.
 
     Example:
         >>> import torch, ampfn
