@@ -62,6 +62,12 @@ def test_ints_are_lightnings_names_and_mixed_or_true_is_decided() -> None:
     assert ampfn.get_policy("32-true").is_true
 
 
+@pytest.mark.parametrize("name", ["transformer-engine", "transformer-engine-float16"])
+def test_lightnings_fp8_names_point_at_with_float8(name: str) -> None:
+    with pytest.raises(ValueError, match=rf"'{name}' is fp8 .*with_float8\(model\)"):
+        ampfn.get_policy(name)
+
+
 def test_bad_specs_name_the_valid_ones() -> None:
     with pytest.raises(
         ValueError, match=r"unknown precision 'fp8'; valid: '32-true', '32', '64-true'"
@@ -206,8 +212,9 @@ def test_sixteen_true_with_adams_default_eps_warns() -> None:
     with pytest.warns(
         UserWarning,
         match=r"eps=1e-08, below fp16's smallest normal .* Use eps=1e-4 or more",
-    ):
+    ) as caught:
         ampfn.with_policy("16-true", model, opt)
+    assert caught[0].filename == __file__  # points at the user's call, not into ampfn
     quiet = mlp()
     ampfn.with_policy("16-true", quiet, torch.optim.Adam(quiet.parameters(), eps=1e-4))
     masters = mlp()

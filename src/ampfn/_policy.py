@@ -63,6 +63,13 @@ LIGHTNING = {
     "bf16-mixed": (_F32, _BF16, _F32),
     "bf16": (_F32, _BF16, _F32),
 }
+# Lightning's fp8 names, and ampfn's pipeline for each
+_FP8 = {
+    "transformer-engine": "compose(with_autocast('bf16'), with_float8(model))",
+    "transformer-engine-float16": (
+        "compose(with_grad_scaling(), with_autocast('fp16'), with_float8(model))"
+    ),
+}
 _KEYS = {"params": 0, "p": 0, "compute": 1, "c": 1, "output": 2, "o": 2}
 
 
@@ -140,7 +147,9 @@ def get_policy(spec: Any) -> Policy:
 
     - Lightning's ``precision=`` names: "32-true" ("32"), "64-true" ("64"), "16-true",
       "bf16-true", "16-mixed" ("16"), "bf16-mixed" ("bf16"); outputs come back in fp32 (in
-      fp64 for "64-true"). Bare "16" and "bf16" mean what they mean in Lightning.
+      fp64 for "64-true"). Bare "16" and "bf16" mean what they mean in Lightning. Its fp8
+      names ("transformer-engine", "transformer-engine-float16") are a ValueError naming
+      ampfn's fp8 pipeline (:func:`with_float8`).
     - jmp's strings, long or short: "params=float32,compute=bfloat16,output=float32",
       "p=f32,c=bf16,o=f32". Params default to float32, compute to the params dtype,
       output to the compute dtype. A lone dtype name ("float16") sets all three.
@@ -172,6 +181,11 @@ def get_policy(spec: Any) -> Policy:
         )
     if spec in LIGHTNING:
         return Policy(*LIGHTNING[spec])
+    if spec in _FP8:
+        raise ValueError(
+            f"get_policy(spec): Lightning's {spec!r} is fp8 matmuls through NVIDIA Transformer "
+            f"Engine, not a dtype policy; ampfn's fp8 is torchao's: {_FP8[spec]}"
+        )
     if "=" not in spec:
         if spec in _DTYPES:
             d = _DTYPES[spec]
@@ -212,7 +226,7 @@ def _check_eps(optimizer: Any, policy: Policy, master_weights: bool) -> None:
                 "and a near-zero second moment then gives inf or NaN updates. Use eps=1e-4 or more, "
                 "or master_weights=True (the optimizer then works in fp32)",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,  # the user's with_policy call (through ampfn's factory)
             )
             return
 
@@ -318,7 +332,10 @@ def with_policy(
     - ``master_weights=True``: the optimizer holds fp32 masters (``with_apex`` O2's
       mechanism): gradients accumulate in fp32, the step updates the masters, which are
       copied into the model after each real step. Memory: an fp32 copy of the weights
-      (plus fp32 gradients during the step); the optimizer's state is fp32.
+      (plus fp32 gradients during the step); the optimizer's state is fp32. Time: per
+      step, each gradient is copied into its fp32 master's gradient, and after a real step
+      each master is copied (cast) into its model weight: two elementwise passes over the
+      weights, on top of an optimizer step in fp32.
     - ``stochastic_rounding=True`` (bf16 weights): the optimizer computes each step in
       fp32 from the bf16 weights, and the result is rounded up or down at random so that
       the expected weight is the fp32 one. No fp32 copy is kept: only a transient one
