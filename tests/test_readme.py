@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import runpy
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,3 +88,38 @@ def test_readme_and_errors_install_from_a_checkout() -> None:
     assert "pip install 'ampfn[" not in text
     assert 'pip install "ampfn[' not in text
     assert (ROOT / "LICENSE").exists()
+
+
+def _python_blocks(section: str) -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, re.S)
+
+
+def test_readme_recipes_run_as_written() -> None:
+    """Accumulation, the schedule that follows real steps, and evaluation, in order,
+    after the first pipeline's set-up (its model and optimizer)."""
+    import torch
+
+    accumulate, schedule, evaluate = _python_blocks("Recipes")
+    torch.manual_seed(0)
+    ns: dict[str, Any] = {}
+    exec(
+        "import torch, torch.nn as nn, torch.nn.functional as F, ampfn\n"
+        "model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))\n"
+        "opt = torch.optim.AdamW(model.parameters(), lr=1e-3)\n",
+        ns,
+    )
+    before = [p.detach().clone() for p in ns["model"].parameters()]
+    exec(compile(accumulate, "README.md", "exec"), ns)
+    micro = [(torch.randn(8, 20), torch.randint(0, 4, (8,))) for _ in range(4)]
+    ns["batch"] = micro
+    ns["scheduler"] = torch.optim.lr_scheduler.StepLR(ns["opt"], step_size=1)
+    exec(compile(schedule, "README.md", "exec"), ns)
+    assert ns["stepped"] is True
+    assert ns["scheduler"].last_epoch == 1
+    after = list(ns["model"].parameters())
+    assert not any(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    ns["x_test"] = torch.randn(5, 20)
+    exec(compile(evaluate, "README.md", "exec"), ns)
+    assert ns["predictions"].shape == (5,)
