@@ -413,6 +413,16 @@ def _fsdp2_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
         except AssertionError as e:
             res[f"check {name}"] = str(e)
 
+    # no loss scaling at all, bf16: the inf becomes NaN parameters, the same on every
+    # rank (identical NaNs agree)
+    try:
+        testing.check_ranks_agree(
+            make, ampfn.with_autocast("bf16", "cpu"), local, steps=4
+        )
+        res["check no scaling"] = "agree"
+    except AssertionError as e:
+        res["check no scaling"] = str(e)
+
     # fp16 parameters sharded: GradScaler cannot unscale them, and says what to do
     half = mlp(0).half()
     from torch.distributed.fsdp import fully_shard
@@ -536,6 +546,13 @@ def test_fsdp2_every_rank_skips_an_inf_in_one_shard(
         assert (
             r["check no sync_ranks"] == "agree"
         )  # GradScaler's DTensor path agrees by itself
+
+
+def test_fsdp2_ranks_with_identical_nan_parameters_agree(
+    fsdp2: tuple[list[dict[str, Any]], Path],
+) -> None:
+    for r in fsdp2[0]:
+        assert r["check no scaling"] == "agree"
 
 
 def test_fsdp2_fp16_shards_are_a_clear_error(

@@ -230,17 +230,31 @@ def _for_each_example(
         prop(list(itertools.islice(itertools.cycle(listed), max(steps, len(listed)))))
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit in shape, dtype and value, a NaN equal to a NaN in the same place
+    (ranks that all went NaN together agree)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    if not (a.is_floating_point() or a.is_complex()):
+        return False
+    nan_a, nan_b = a.isnan(), b.isnan()
+    return torch.equal(nan_a, nan_b) and torch.equal(
+        a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0)
+    )
+
+
 def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
-    """Where two nested states differ (None when they are equal bit for bit)."""
+    """Where two nested states differ (None when they are equal bit for bit, NaN equal to
+    NaN)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         ok = (
             isinstance(a, torch.Tensor)
             and isinstance(b, torch.Tensor)
-            and a.shape == b.shape
+            and _same_tensor(a, b)
         )
-        return (
-            None if ok and torch.equal(a, b) else f"{path or 'value'}: {a!r} != {b!r}"
-        )
+        return None if ok else f"{path or 'value'}: {a!r} != {b!r}"
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b), key=str):
             d = _first_difference(a.get(k), b.get(k), f"{path}[{k!r}]")
