@@ -209,11 +209,11 @@ def _ddp_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
         "scale": ampfn.loss_scale(step),
         "ref_scale": ref_scale,
         "close": close(full_params(model.module), full_params(ref), **TOL),
-        "ranks_equal": len(
-            {str(full_params(model.module))}
-            | {str(x) for x in gathered(str(full_params(model.module)))}
-        )
-        == 1,
+        "ranks_equal": all(
+            torch.equal(mine, theirs[k])
+            for theirs in gathered(full_params(model.module))
+            for k, mine in full_params(model.module).items()
+        ),
         "state_dicts_equal": len({repr(x) for x in gathered(ampfn.state_dict(step))})
         == 1,
     }
@@ -413,6 +413,27 @@ def _fsdp2_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
         except AssertionError as e:
             res[f"check {name}"] = str(e)
 
+    # the same runs by hand: the poisoned step reports a skip on every rank, and no
+    # parameter moves there
+    for name, t in {
+        "default": lambda: ampfn.with_grad_scaling(),
+        "sync-free": lambda: ampfn.with_grad_scaling(gs(), sync=False),
+        "no sync_ranks": lambda: ampfn.with_grad_scaling(gs(), sync_ranks=False),
+    }.items():
+        step, model, opt = make(0)
+        poison = LatePoison(opt)
+        run = ampfn.compose(ampfn.with_handler(poison), t())(step)
+        seen = []
+        for i, b in enumerate(local):
+            poison.armed = rank == 1 and i == POISON_AT
+            before = full_params(model)
+            stepped = bool(run(b))
+            moved = not all(
+                torch.equal(v, full_params(model)[k]) for k, v in before.items()
+            )
+            seen.append((stepped, moved))
+        res[f"by hand {name}"] = seen
+
     # no loss scaling at all, bf16: the inf becomes NaN parameters, the same on every
     # rank (identical NaNs agree)
     try:
@@ -468,6 +489,25 @@ def _fsdp2_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
     res["dcp straight"] = _dcp_run(rank, out, save_at=None)
     _dcp_run(rank, out, save_at=3)
     return res
+
+
+class LatePoison(ampfn.Handler):
+    """Makes one entry of this rank's first gradient inf after the backward, when armed."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt, self.armed = opt, False
+
+    def backward(
+        self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
+    ) -> None:
+        proceed(loss, kwargs)
+        if self.armed:
+            grads = [p.grad for g in self.opt.param_groups for p in g["params"]]
+            g = next(g for g in grads if g is not None)
+            local = g.to_local() if hasattr(g, "to_local") else g
+            with torch.no_grad():
+                local.view(-1)[0] = float("inf")
+            self.armed = False
 
 
 def _dcp_build(rank: int) -> tuple[Any, nn.Module, Any]:
@@ -546,6 +586,11 @@ def test_fsdp2_every_rank_skips_an_inf_in_one_shard(
         assert (
             r["check no sync_ranks"] == "agree"
         )  # GradScaler's DTensor path agrees by itself
+        for name in ("default", "sync-free", "no sync_ranks"):
+            # every rank skips the poisoned step, and no parameter moves there
+            assert r[f"by hand {name}"] == [
+                (i != POISON_AT, i != POISON_AT) for i in range(4)
+            ], name
 
 
 def test_fsdp2_ranks_with_identical_nan_parameters_agree(
