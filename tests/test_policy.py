@@ -238,6 +238,24 @@ def test_compositions_and_conflicts() -> None:
         ampfn.compose(
             ampfn.with_grad_scaling(), ampfn.with_policy("16-true", mlp(), None)
         )
+    # with_autocast beside a policy would decide the forward's dtype behind its back
+    for policy in ("bf16-mixed", "bf16-true", "32-true"):
+        with pytest.raises(
+            ValueError, match=r"with_autocast, with_policy: the precision"
+        ):
+            ampfn.compose(
+                ampfn.with_autocast("fp16", "cpu"), ampfn.with_policy(policy, mlp())
+            )
+        with pytest.raises(
+            ValueError, match=r"with_autocast, with_policy: the precision"
+        ):
+            ampfn.compose(
+                ampfn.with_policy(policy, mlp()), ampfn.with_autocast("fp16", "cpu")
+            )
+    with pytest.raises(ValueError, match=r"with_autocast, with_apex: the precision"):
+        ampfn.compose(
+            ampfn.with_autocast("bf16", "cpu"), ampfn.with_apex("O1", backend="native")
+        )
     # 16-true with masters and loss scaling trains
     step = ampfn.compose(
         ampfn.with_grad_scaling(),

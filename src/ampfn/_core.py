@@ -59,6 +59,11 @@ _INCOMPATIBLE = {
         "refuses to unscale; use with_policy('16-true', model, optimizer, master_weights=True), "
         "or with_apex('O2', model, optimizer) for fp16 weights with masters and loss scaling"
     ),
+    frozenset({"autocast", "precision"}): (
+        "{names}: the precision transform decides the forward's dtype itself, and "
+        "with_autocast would override it; drop with_autocast, or use a mixed policy "
+        "(with_policy('bf16-mixed') is with_autocast('bf16'))"
+    ),
     frozenset({"loss_scaling", "xla_bf16"}): (
         "with_xla_bf16 composed with a loss-scaling transform ({names}): bfloat16 has "
         "float32's range and needs no loss scaling; remove the scaling transform"
