@@ -674,3 +674,36 @@ def test_several_losses_validate_the_loss_id() -> None:
         ampfn.with_apex("O1", model, opt, backend="native", num_losses=0)
     with pytest.raises(ValueError, match="needs the optimizers"):
         ampfn.with_apex("O1", model, backend="native", num_losses=2)
+
+
+@pytest.mark.parametrize("positional", [False, True], ids=["keyword", "positional"])
+@pytest.mark.parametrize(
+    ("level", "kw"),
+    [
+        ("O1", {}),
+        ("O2", {}),
+        ("O1", {"num_losses": 2}),
+        ("O3", {"loss_scale": 128.0}),
+    ],
+    ids=["O1", "O2", "O1-num_losses=2", "O3-static-128"],
+)
+def test_a_closure_is_refused_before_anything_changes(
+    level: str, kw: dict[str, Any], positional: bool
+) -> None:
+    from test_scaling import closure_step
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    t = ampfn.with_apex(level, model, opt, backend="native", **kw)
+    before = [p.detach().clone() for p in model.parameters()]
+    step, ran = closure_step(t, model, opt, positional)
+    with pytest.raises(
+        RuntimeError,
+        match=r"ampfn.step\(optimizer, closure\): with_apex refuses closures.*"
+        r"Amp does not support closure use",
+    ):
+        step(None)
+    assert not ran
+    assert all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)
+    )

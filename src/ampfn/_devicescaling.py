@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ampfn._scaling import ScalerState, Scaling, times
+from ampfn._scaling import ScalerState, Scaling, refuse_closure, times
 
 # ------------------------------------------------------------------ kernels
 
@@ -199,6 +199,8 @@ class SyncFreeScaling(ScalerState):
     def step(
         self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> torch.Tensor:
+        if args or kwargs:
+            refuse_closure(self.api, args, kwargs)
         self.check_step(optimizer)
         self.unscale(optimizer)
         found = self.founds.get(id(optimizer))
@@ -429,6 +431,8 @@ class ApexScaling(Scaling):
     def step(
         self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> bool:
+        if args or kwargs:
+            refuse_closure(self.api, args, kwargs)
         self.check_step(optimizer)
         if self.dynamic:
             if not self.agreed_update and self.sync_ranks is not False and self.ranks():

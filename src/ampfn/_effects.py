@@ -216,8 +216,11 @@ def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
     """Step ``optimizer`` through the active transforms.
 
     Outside any transform this is exactly ``optimizer.step(*args, **kwargs); True``.
-    Arguments are passed on to ``optimizer.step`` (through ``scaler.step`` under loss
-    scaling, which refuses closures, as PyTorch's GradScaler does).
+    Arguments are passed on to ``optimizer.step`` (through ``scaler.step`` under
+    ``with_grad_scaling``), except that every loss-scaling transform (``with_grad_scaling``
+    in both modes, ``with_apex``) refuses a closure, positional or keyword, before anything
+    changes: the closure would recompute a loss that is not scaled (GradScaler does not
+    support closures; Apex neither).
 
     Returns:
         True if the optimizer stepped, False if a transform skipped the step (for example
@@ -226,6 +229,7 @@ def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
 
     Raises:
         TypeError: ``optimizer`` is not an optimizer.
+        RuntimeError: a closure under loss scaling.
 
     Example:
         >>> import torch, ampfn

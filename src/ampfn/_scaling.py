@@ -118,6 +118,21 @@ def _grads(optimizer: Any) -> list[torch.Tensor]:
     ]
 
 
+def refuse_closure(api: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """``ampfn.step(optimizer, closure)`` under loss scaling is an error (before anything
+    changes); ``closure=None`` is dropped."""
+    if "closure" in kwargs and kwargs["closure"] is None:
+        del kwargs["closure"]
+    if "closure" in kwargs or any(callable(a) for a in args):
+        raise RuntimeError(
+            f"ampfn.step(optimizer, closure): {api} refuses closures: the optimizer would call "
+            "the closure to recompute the loss and its gradients, and that loss is not scaled "
+            "nor its backward unscaled (torch.amp.GradScaler does not support closures, and "
+            "Apex says 'Amp does not support closure use'); compute the loss in the step, call "
+            "ampfn.backward(loss), then ampfn.step(optimizer) with no closure"
+        )
+
+
 def resolve_sync_ranks(sync_ranks: bool | None, api: str) -> bool | None:
     """Validate ``sync_ranks`` at construction (None: decided at the first step)."""
     if sync_ranks is not None and not isinstance(sync_ranks, bool):
@@ -351,6 +366,8 @@ class GradScalerScaling(ScalerState):
     def step(
         self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> bool:
+        if args or kwargs:
+            refuse_closure(self.api, args, kwargs)
         key = id(optimizer)
         if not self.seen_backward or key in self.stepped or key not in self.checked:
             self.check_step(optimizer)
