@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -366,8 +367,106 @@ def test_a_compiled_model_inside_a_wrapped_step_keeps_working() -> None:
     step, ref_step = t(with_effects(compiled_model, opt)), t(with_effects(ref, ref_opt))
     for b in batches(3):
         torch.testing.assert_close(step(b), ref_step(b))
-    # no ampfn frame inside the model's graph: its code never calls ampfn
     assert params_equal(compiled_model, ref)
+
+
+def test_a_compiled_models_graphs_are_the_hand_written_steps() -> None:
+    """No ampfn frame inside the model's graph: ampfn runs around the compiled model,
+    never in it, so its graphs are those of the same model in a hand-written step."""
+    graphs: dict[str, list[torch.fx.GraphModule]] = {"ours": [], "hand": []}
+
+    def compiled(model: nn.Module, key: str) -> Any:
+        def backend(gm: torch.fx.GraphModule, inputs: Any) -> Any:
+            graphs[key].append(gm)
+            return gm.forward
+
+        return torch.compile(model, backend=backend)
+
+    m, h = mlp(), mlp()
+    cm, ch = compiled(m, "ours"), compiled(h, "hand")
+    t = ampfn.compose(ampfn.with_grad_scaling(gs()), ampfn.with_autocast("bf16", "cpu"))
+    ours, hand = (
+        t(with_effects(cm, sgd(cm))),
+        by_hand(ch, torch.bfloat16, gs(), sgd(ch)),
+    )
+    for b in batches(3):
+        ours(b)
+        with guard_suspended():
+            hand(b)
+    assert graphs["ours"]
+    assert ampfn_frames(graphs["ours"]) == []
+    assert ops_of(graphs["ours"]) == ops_of(graphs["hand"])
+
+
+# ------------------------------------------------------------ the graphs, op for op
+
+SRC = str(Path(ampfn.__file__).parent)
+
+
+def recorded_graphs(step: Step, data: list[Batch], *, hand: bool = False) -> list[Any]:
+    """The FX graphs dynamo hands the backend, with compiled_run's protocol."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: Any) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    with guard_suspended() if hand else contextlib.nullcontext():
+        step(data[0])
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend=backend)
+        for b in data[1:]:
+            compiled(b)
+    return graphs
+
+
+def ops_of(graphs: list[Any]) -> list[list[str]]:
+    """Each graph's operations, without autocast's enter and exit (a wrapped step enters
+    autocast before its traced frames, a hand-written one inside them)."""
+    calls = ("call_function", "call_method", "call_module")
+    out = []
+    for g in graphs:
+        names = [
+            getattr(n.target, "__name__", str(n.target))
+            for n in g.graph.nodes
+            if n.op in calls
+        ]
+        out.append([n for n in names if n not in ("_enter_autocast", "_exit_autocast")])
+    return out
+
+
+def ampfn_frames(graphs: list[Any]) -> list[str]:
+    """The nodes whose stack trace passes through ampfn's source."""
+    return [
+        f"{n.op} {n.target}"
+        for g in graphs
+        for n in g.graph.nodes
+        if SRC in (n.meta.get("stack_trace") or "")
+    ]
+
+
+# pipelines whose work is all torch's (autocast, GradScaler); the others cast inputs or
+# keep master weights, which puts ampfn's own ops in the graph as the hand-written twin's
+TORCHS_WORK_ONLY = [
+    "autocast bf16",
+    "autocast fp16",
+    "grad scaling",
+    "fp16 + grad scaling",
+    "apex O1",
+]
+
+
+@pytest.mark.skipif(
+    not NEW_DYNAMO, reason="older dynamo traces ampfn's nested autocast"
+)
+@pytest.mark.parametrize("name", TORCHS_WORK_ONLY)
+def test_compiled_steps_graphs_are_the_hand_written_ones_op_for_op(name: str) -> None:
+    """No ampfn frame inside the compiled graphs, and no op the hand-written step lacks."""
+    ours, hand = PIPELINES[name]()
+    data = batches(4)
+    our_graphs = recorded_graphs(ours, data)
+    assert ampfn_frames(our_graphs) == []
+    assert ops_of(our_graphs) == ops_of(recorded_graphs(hand, data, hand=True))
 
 
 def _fp8_model() -> nn.Module:
