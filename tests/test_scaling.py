@@ -832,3 +832,35 @@ def test_a_closure_under_loss_scaling_is_refused_before_anything_changes(
         torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)
     )
     assert s.get_scale() == 2.0**10
+
+
+def test_unscaling_without_stepping_then_clearing_needs_a_grad_scaler() -> None:
+    """A scaler with only GradScaler's public methods cannot forget an unscale_: clearing
+    the gradients and starting afresh is a clear error at the next backward."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    s = PublicOnly(scaler("cpu"))
+    x, y = batches(1)[0]
+    stepping = [False]
+
+    @ampfn.with_grad_scaling(s)
+    def train_step(_: Any) -> Any:
+        ampfn.backward(F.cross_entropy(model(x).float(), y))
+        ampfn.unscale_(opt)
+        stepped = ampfn.step(opt) if stepping[0] else None
+        opt.zero_grad(set_to_none=True)
+        return stepped
+
+    train_step(None)  # unscales, does not step, clears the gradients
+    before = [p.detach().clone() for p in model.parameters()]
+    stepping[0] = True
+    with pytest.raises(
+        RuntimeError,
+        match=r"with_grad_scaling.*PublicOnly.*public methods.*call ampfn.step\(optimizer\) "
+        r"in the call that unscales, or pass a torch.amp.GradScaler",
+    ):
+        train_step(None)
+    assert all(p.grad is None for p in model.parameters())  # no backward ran
+    assert all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)
+    )

@@ -215,7 +215,7 @@ class Scaling:
         for optimizer in list(self.stale.values()):
             grads = _grads(optimizer)
             if not grads:
-                self.forget(optimizer)
+                self.restart(optimizer)
                 continue
             if all(not bool(g.any()) for g in grads):
                 raise RuntimeError(
@@ -231,6 +231,11 @@ class Scaling:
                 "add scaled gradients to them; step that optimizer first, or clear its gradients "
                 "(optimizer.zero_grad()) to start a fresh update"
             )
+
+    def restart(self, optimizer: Any) -> None:
+        """A fresh update for an optimizer unscaled in an earlier call that did not step,
+        whose gradients were cleared since."""
+        self.forget(optimizer)
 
     def forget(self, optimizer: Any) -> None:
         """Drop an unscale that did not lead to a step (a fresh update begins)."""
@@ -337,6 +342,17 @@ class GradScalerScaling(ScalerState):
                 f"{type(self.scaler).__name__} lacks; pass a torch.amp.GradScaler, or sync_ranks=False "
                 "if your scaler makes the ranks agree itself"
             )
+
+    def restart(self, optimizer: Any) -> None:
+        if not isinstance(getattr(self.scaler, "_per_optimizer_states", None), dict):
+            raise RuntimeError(
+                f"ampfn.backward(loss): {self.api} cannot start a fresh update for an optimizer "
+                "unscaled (by ampfn.unscale_ or ampfn.clip_grad_norm_) in an earlier call that "
+                f"did not step: {type(self.scaler).__name__} has only GradScaler's public methods, "
+                "and its unscale_ refuses a second call before update(), which ampfn cannot reset; "
+                "call ampfn.step(optimizer) in the call that unscales, or pass a torch.amp.GradScaler"
+            )
+        super().restart(optimizer)
 
     def forget(self, optimizer: Any) -> None:
         super().forget(optimizer)
@@ -476,7 +492,9 @@ def with_grad_scaling(
     Inside a scaled step, calling ``optimizer.step()`` directly is an error (raised before
     any parameter changes), and so is ``ampfn.step`` when no ``ampfn.backward`` ran since
     the last update. Unscaling in a call that does not step is allowed: the next call may
-    step, or clear the gradients (``zero_grad()``) to start afresh.
+    step, or clear the gradients (``zero_grad()``) to start afresh (which needs a
+    ``torch.amp.GradScaler``: a scaler with only its public methods cannot forget an
+    unscale, and the next backward says so).
 
     Args:
         scaler: a ``torch.amp.GradScaler`` or an object with its interface (such as
