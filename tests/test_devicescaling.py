@@ -316,3 +316,96 @@ def test_sync_free_fp16_gradients_are_a_clear_error(clip: bool) -> None:
     assert all(
         torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)
     )
+
+
+def _poison(model: torch.nn.Module) -> None:
+    grad = next(model.parameters()).grad
+    assert grad is not None
+    grad.view(-1)[0] = float("inf")
+
+
+def test_sync_free_skips_each_optimizer_on_its_own_overflow_as_grad_scaler_does() -> (
+    None
+):
+    """Two optimizers, one loss; one optimizer's gradients overflow: GradScaler skips
+    that one only, and so does the sync-free mode, bit for bit."""
+    skip_at, n = 3, 8
+    data = batches(n)
+
+    def build() -> tuple[Any, ...]:
+        a, b = mlp(0), mlp(1)
+        oa = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+        ob = torch.optim.Adam(b.parameters(), lr=1e-3)
+        return a, b, oa, ob, gs()
+
+    a1, b1, oa1, ob1, s1 = build()
+    for i, (x, y) in enumerate(data):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(a1(x).float() + b1(x).float(), y)
+        s1.scale(loss).backward()
+        if i == skip_at:
+            _poison(b1)
+        s1.step(oa1)
+        s1.step(ob1)
+        s1.update()
+        oa1.zero_grad()
+        ob1.zero_grad()
+
+    a2, b2, oa2, ob2, s2 = build()
+    calls = [0]
+
+    @ampfn.compose(
+        ampfn.with_grad_scaling(s2, sync=False), ampfn.with_autocast("fp16", "cpu")
+    )
+    def step(batch: Batch) -> tuple[bool, bool]:
+        x, y = batch
+        ampfn.backward(F.cross_entropy(a2(x).float() + b2(x).float(), y))
+        if calls[0] == skip_at:
+            _poison(b2)
+        calls[0] += 1
+        stepped = bool(ampfn.step(oa2)), bool(ampfn.step(ob2))
+        oa2.zero_grad()
+        ob2.zero_grad()
+        return stepped
+
+    results = [step(b) for b in data]
+    assert results == [(True, i != skip_at) for i in range(n)]
+    assert params_equal(a1, a2)
+    assert params_equal(b1, b2)
+    assert s1.state_dict() == s2.state_dict()
+
+
+def test_sync_free_gradient_accumulation_matches_the_syncing_mode_bit_for_bit() -> None:
+    skip_at, n, micro = 3, 6, 3
+
+    def run(sync: bool) -> tuple[torch.nn.Module, torch.amp.GradScaler, list[Any]]:
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        s = gs()
+        calls = [0]
+
+        @ampfn.compose(
+            ampfn.with_grad_scaling(s, sync=sync), ampfn.with_autocast("fp16", "cpu")
+        )
+        def step(batch: Batch) -> Any:
+            i, j = divmod(calls[0], micro)
+            calls[0] += 1
+            loss = F.cross_entropy(model(batch[0]).float(), batch[1]) / micro
+            ampfn.backward(loss)
+            if j < micro - 1:
+                return None  # accumulate: backward only
+            if i == skip_at:
+                _poison(model)
+            ampfn.clip_grad_norm_(model.parameters(), 0.5, opt)
+            stepped = ampfn.step(opt)
+            opt.zero_grad(set_to_none=True)
+            return bool(stepped)
+
+        results = [step(b) for b in batches(n * micro)]
+        return model, s, [r for r in results if r is not None]
+
+    m1, s1, r1 = run(True)
+    m2, s2, r2 = run(False)
+    assert r1 == r2 == [i != skip_at for i in range(n)]
+    assert params_equal(m1, m2)
+    assert s1.state_dict() == s2.state_dict()
