@@ -1,0 +1,135 @@
+"""Plans: what each effect resolves to, and what that costs per call."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ampfn
+from ampfn._effects import EFFECTS
+from ampfn._plan import Plan
+from helpers import Batch, batches, mlp
+
+
+class OnlyStep(ampfn.Handler):
+    """Overrides one effect; passes the others through (the base class's methods)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def step(
+        self, proceed: Callable[..., Any], optimizer: Any, args: Any, kwargs: Any
+    ) -> Any:
+        self.steps += 1
+        return proceed(optimizer, args, kwargs)
+
+
+def pipelines(handler: ampfn.Handler | None) -> list[Any]:
+    """The same pipelines, with and without ``handler`` among their transforms."""
+    extra = [ampfn.with_handler(handler)] if handler is not None else []
+    return [
+        ampfn.compose(*extra, ampfn.with_grad_scaling()),
+        ampfn.compose(*extra, ampfn.with_autocast("bf16", "cpu")),
+        ampfn.compose(
+            ampfn.with_grad_scaling(), *extra, ampfn.with_autocast("fp16", "cpu")
+        ),
+    ]
+
+
+def plan_of(wrapped: Any) -> Plan:
+    return wrapped.__ampfn_layer__.plan  # type: ignore[no-any-return]
+
+
+def effects_of(plan: Plan) -> list[Any]:
+    """What each effect calls, as (function, owner) so that two plans compare."""
+    out = []
+    for effect in EFFECTS:
+        fn = getattr(plan, effect)
+        owner = getattr(fn, "__self__", None)
+        kind = "engine" if owner is plan.engine else type(owner).__name__
+        out.append((effect, getattr(fn, "__func__", fn), kind))
+    return [*out, ("plain_step", plan.plain_step, "")]
+
+
+@pytest.mark.parametrize(
+    "handler", [ampfn.Handler(), OnlyStep()], ids=["base", "only step"]
+)
+def test_a_pass_through_handler_takes_no_part_in_the_plan(
+    handler: ampfn.Handler,
+) -> None:
+    """_chain: an effect the handler does not override resolves to exactly what it does
+    without the handler (the engine's method, or the scaler's step), with no wrapper."""
+
+    def step(batch: int) -> int:
+        return batch
+
+    for bare, with_handler in zip(pipelines(None), pipelines(handler), strict=True):
+        ours, theirs = (
+            effects_of(plan_of(with_handler(step))),
+            effects_of(plan_of(bare(step))),
+        )
+        if isinstance(handler, OnlyStep):
+            # the one overridden effect is a link of the chain; every other is untouched
+            link = plan_of(with_handler(step)).step
+            assert isinstance(link, functools.partial)
+            assert link.func.__self__ is handler  # type: ignore[attr-defined]
+            ours = [e for e in ours if e[0] not in ("step", "plain_step")]
+            theirs = [e for e in theirs if e[0] not in ("step", "plain_step")]
+        assert ours == theirs
+
+
+def python_calls(fn: Callable[[], Any]) -> int:
+    """How many Python functions ``fn()`` enters (C functions not counted)."""
+    calls = 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        if event == "call":
+            calls += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_a_pass_through_handler_adds_no_python_call_per_step() -> None:
+    """Per call, a pipeline with a pass-through handler enters the same Python frames as
+    the same pipeline without it; a handler that overrides ``step`` adds its own method
+    to ``ampfn.step`` only."""
+    data = batches(4)
+
+    def counts(handler: ampfn.Handler | None) -> list[int]:
+        out = []
+        for transform in pipelines(handler):
+            model = mlp()
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+            def train_step(b: Batch, model: Any = model, opt: Any = opt) -> None:
+                ampfn.backward(F.cross_entropy(model(b[0]).float(), b[1]))
+                ampfn.step(opt)
+                opt.zero_grad(set_to_none=True)
+
+            wrapped = transform(train_step)
+            for b in data[:3]:  # warm: optimizer state, lazy imports, caches
+                wrapped(b)
+            out.append(python_calls(lambda w=wrapped: w(data[3])))
+        return out
+
+    without = counts(None)
+    assert counts(ampfn.Handler()) == without
+    only_step = counts(OnlyStep())
+    # OnlyStep.step, plus (where ampfn.step went straight to the optimizer or the
+    # scaler) the engine's step that the chain now ends in
+    assert all(0 < a - b <= 3 for a, b in zip(only_step, without, strict=True)), (
+        only_step,
+        without,
+    )
