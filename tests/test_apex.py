@@ -707,3 +707,46 @@ def test_a_closure_is_refused_before_anything_changes(
     assert all(
         torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)
     )
+
+
+def test_o1_gradient_penalty_matches_the_hand_written_grad_scaler_recipe() -> None:
+    """PyTorch's AMP gradient-penalty recipe with Apex's scaler settings, bit for bit."""
+    data = batches(6)
+    ref = mlp()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    s = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2000)
+    ref_scales = []
+    for x, y in data:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(ref(x).float(), y)
+        scaled = torch.autograd.grad(
+            s.scale(loss), list(ref.parameters()), create_graph=True
+        )
+        inv = 1.0 / s.get_scale()
+        grads = [g * inv for g in scaled]
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = loss + torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
+        s.scale(loss).backward()
+        s.step(ref_opt)
+        s.update()
+        ref_opt.zero_grad()
+        ref_scales.append(s.get_scale())
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    @ampfn.with_apex("O1", model, opt, backend="native")
+    def step(batch: Batch) -> Any:
+        loss = F.cross_entropy(model(batch[0]).float(), batch[1])
+        grads = ampfn.grad(loss, list(model.parameters()), create_graph=True)
+        ampfn.backward(loss + torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt())
+        stepped = ampfn.step(opt)
+        opt.zero_grad()
+        return stepped
+
+    scales = []
+    for b in data:
+        step(b)
+        scales.append(ampfn.loss_scale(step))
+    assert params_equal(model, ref)
+    assert scales == ref_scales

@@ -864,3 +864,108 @@ def test_unscaling_without_stepping_then_clearing_needs_a_grad_scaler() -> None:
     assert all(
         torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)
     )
+
+
+def every_scaler() -> list[Any]:
+    return [
+        pytest.param(lambda m, o: ampfn.with_grad_scaling(scaler("cpu")), id="sync"),
+        pytest.param(
+            lambda m, o: ampfn.with_grad_scaling(scaler("cpu"), sync=False),
+            id="sync-free",
+        ),
+        pytest.param(
+            lambda m, o: ampfn.with_apex("O1", m, o, backend="native"), id="apex-O1"
+        ),
+        pytest.param(
+            lambda m, o: ampfn.with_apex("O2", m, o, backend="native"), id="apex-O2"
+        ),
+        pytest.param(
+            lambda m, o: ampfn.with_apex("O1", m, o, backend="native", num_losses=2),
+            id="apex-O1-num_losses=2",
+        ),
+        pytest.param(
+            lambda m, o: ampfn.with_apex(
+                "O3", m, o, backend="native", loss_scale="dynamic"
+            ),
+            id="apex-O3-dynamic",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("make_transform", every_scaler())
+def test_nonfinite_gradients_from_ampfn_grad_make_the_step_skip(
+    make_transform: Any,
+) -> None:
+    """A gradient penalty whose gradients overflow: the step skips under every scaler."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    t = make_transform(model, opt)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    @t
+    def step(batch: Batch) -> tuple[bool, bool]:
+        loss = F.cross_entropy(model(batch[0]).float(), batch[1])
+        grads = ampfn.grad(
+            loss * float("inf"), list(model.parameters()), create_graph=True
+        )
+        finite = all(bool(g.isfinite().all()) for g in grads)
+        penalty = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        ampfn.backward(loss + penalty)
+        stepped = ampfn.step(opt)
+        opt.zero_grad(set_to_none=True)
+        return finite, bool(stepped)
+
+    assert step(batches(1)[0]) == (False, False)
+    assert all(
+        torch.equal(p.float(), q.float())
+        for p, q in zip(model.parameters(), before, strict=True)
+    )
+
+
+class FactorSGD(torch.optim.SGD):
+    """An optimizer whose step takes an argument of its own."""
+
+    def step(self, closure: Any = None, *, factor: float = 1.0) -> Any:  # type: ignore[override]
+        self.factor = factor
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "sync-free"])
+def test_step_arguments_reach_the_optimizer_under_scaling(sync: bool) -> None:
+    model = mlp()
+    opt = FactorSGD(model.parameters(), lr=0.05)
+
+    @ampfn.with_grad_scaling(scaler("cpu"), sync=sync)
+    def step(batch: Batch) -> Any:
+        ampfn.backward(F.cross_entropy(model(batch[0]), batch[1]))
+        return ampfn.step(opt, factor=3.0)
+
+    assert bool(step(batches(1)[0]))
+    assert opt.factor == 3.0
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "sync-free"])
+def test_an_optimizer_like_wrapper_steps_and_skips_as_the_optimizer_it_wraps(
+    sync: bool,
+) -> None:
+    from test_apex import Larc
+
+    def run(wrap: bool) -> tuple[torch.nn.Module, list[bool]]:
+        model = mlp()
+        inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        opt: Any = Larc(inner) if wrap else inner
+
+        @ampfn.with_grad_scaling(scaler("cpu"), sync=sync)
+        def step(batch: Batch, inf: bool) -> bool:
+            loss = F.cross_entropy(model(batch[0]), batch[1])
+            ampfn.backward(loss * (float("inf") if inf else 1.0))
+            stepped = ampfn.step(opt)
+            opt.zero_grad()
+            return bool(stepped)
+
+        return model, [step(b, i == SKIP_AT) for i, b in enumerate(batches(ITERS))]
+
+    wrapped, r1 = run(True)
+    plain, r2 = run(False)
+    assert r1 == r2 == [i != SKIP_AT for i in range(ITERS)]
+    assert params_equal(wrapped, plain)
