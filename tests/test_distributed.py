@@ -483,6 +483,22 @@ def _fsdp2_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
         except ValueError as e:
             res[f"fp16 shards sync-free {name}"] = str(e)
 
+    # one optimizer over sharded and plain parameters of the same dtype
+    mixed = mlp(0)
+    fully_shard(mixed[0])
+    mixed_opt = torch.optim.SGD(mixed.parameters(), lr=0.05)
+    before = full_params(mixed)
+    try:
+        ampfn.with_grad_scaling(gs())(step_fn(mixed, mixed_opt))(
+            [shard(global_batches(1)[0], rank)]
+        )
+        res["mixed shards"] = "no error"
+    except ValueError as e:
+        res["mixed shards"] = str(e)
+    res["mixed unchanged"] = all(
+        torch.equal(v, full_params(mixed)[k]) for k, v in before.items()
+    )
+
     # a sharded checkpoint: torch.distributed.checkpoint for the model and optimizer,
     # ampfn's pipeline state beside them; the resumed run (other processes) continues
     # bit for bit
@@ -617,6 +633,18 @@ def test_fsdp2_fp16_shards_are_a_clear_error(
             assert "needs fp32 gradients" in message
             assert "fsdp_mixed_precision('16-mixed')" in message
             assert "sync=True with a ShardedGradScaler" in message
+
+
+def test_fsdp2_sharded_and_plain_gradients_in_one_optimizer_are_a_clear_error(
+    fsdp2: tuple[list[dict[str, Any]], Path],
+) -> None:
+    for r in fsdp2[0]:
+        assert r["mixed shards"].startswith(
+            "with_grad_scaling: this optimizer holds both FSDP-sharded (DTensor) and plain "
+            "gradients of the same dtype"
+        ), r["mixed shards"]
+        assert "fully_shard the modules that own them" in r["mixed shards"]
+        assert r["mixed unchanged"]
 
 
 def test_fsdp2_sharded_checkpoint_resumes_bit_for_bit(
@@ -755,6 +783,15 @@ def test_sync_ranks_needs_a_process_group() -> None:
         ampfn.with_grad_scaling(sync_ranks=True)
     with pytest.raises(TypeError, match="sync_ranks must be a bool or None"):
         ampfn.with_grad_scaling(sync_ranks="yes")  # type: ignore[arg-type]
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for kw in ({}, {"num_losses": 2}):
+        with pytest.raises(
+            ValueError,
+            match=r"with_apex.*sync_ranks=True needs an initialized torch.distributed "
+            "process group",
+        ):
+            ampfn.with_apex("O1", model, opt, backend="native", sync_ranks=True, **kw)
 
 
 def test_check_ranks_agree_needs_a_process_group() -> None:
