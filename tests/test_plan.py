@@ -133,3 +133,51 @@ def test_a_pass_through_handler_adds_no_python_call_per_step() -> None:
         only_step,
         without,
     )
+
+
+def test_a_nested_step_builds_each_union_once_whatever_pipeline_calls_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An inner wrapped step called in turn from two outer pipelines: each union of plans
+    is built once, not on every call (the cache held only the last outer plan)."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    records: list[ampfn.StepRecord] = []
+
+    @ampfn.with_autocast("bf16", "cpu")
+    def inner(b: Batch) -> None:
+        ampfn.backward(F.cross_entropy(model(b[0]).float(), b[1]))
+        ampfn.step(opt)
+        opt.zero_grad(set_to_none=True)
+
+    # the outer transforms wrap a function of the user's, so they do not fuse with inner
+    outer_a = ampfn.with_grad_scaling()(lambda b: inner(b))
+    outer_b = ampfn.with_telemetry(records)(lambda b: inner(b))
+    data = batches(6)
+    outer_a(data[0])
+    outer_b(data[1])
+    built = {"plans": 0}
+    init = Plan.__init__
+
+    def counting(self: Plan, fragments: Any) -> None:
+        built["plans"] += 1
+        init(self, fragments)
+
+    monkeypatch.setattr(Plan, "__init__", counting)
+    for i, b in enumerate(data[2:]):
+        (outer_a if i % 2 == 0 else outer_b)(b)
+    assert built["plans"] == 0
+    assert len(records) == 3  # the telemetry of outer_b saw inner's steps
+
+
+def test_the_cache_of_unions_is_bounded() -> None:
+    def step(batch: int) -> int:
+        return batch
+
+    inner = plan_of(ampfn.with_autocast("bf16", "cpu")(step))
+    outers = [plan_of(ampfn.with_grad_scaling()(step)) for _ in range(20)]
+    unions = [inner.under(o) for o in outers]
+    assert len(inner._under) <= 8
+    assert inner.under(outers[-1]) is unions[-1]
+    assert inner.under(outers[-2]) is unions[-2]
+    assert unions[0].fragments == outers[0].fragments + inner.fragments

@@ -362,6 +362,7 @@ class Plan:
     __slots__ = (
         "_merged",
         "_outer",
+        "_under",
         "backward",
         "clip_grad_norm_",
         "engine",
@@ -390,13 +391,27 @@ class Plan:
             self.step = engine.scaling.step
         self._outer: Plan | None = None
         self._merged: Plan = self
+        self._under: dict[Plan, Plan] = {}
 
     def under(self, outer: Plan) -> Plan:
-        """This plan nested inside ``outer``'s step: the union of both (cached)."""
-        if self._outer is not outer:
-            self._merged = Plan(outer.fragments + self.fragments)
-            self._outer = outer
-        return self._merged
+        """This plan nested inside ``outer``'s step: the union of both.
+
+        Cached per outer plan (the last one used is checked first), so a step called in
+        turn from several pipelines builds each union once. The cache keeps the outer
+        plans alive and holds at most ``_UNDER_CACHE`` of them, dropping the oldest.
+        """
+        if self._outer is outer:
+            return self._merged
+        merged = self._under.get(outer)
+        if merged is None:
+            if len(self._under) >= _UNDER_CACHE:
+                del self._under[next(iter(self._under))]
+            merged = self._under[outer] = Plan(outer.fragments + self.fragments)
+        self._outer, self._merged = outer, merged
+        return merged
+
+
+_UNDER_CACHE = 8  # outer plans remembered per nested plan
 
 
 class Layer:
