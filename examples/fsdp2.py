@@ -2,8 +2,12 @@
 checkpoint (torch.distributed.checkpoint) with ampfn's state beside it.
 
     torchrun --standalone --nproc-per-node 2 examples/fsdp2.py
+
+On several nodes, pass ``--checkpoint-dir`` on a filesystem every node shares (the
+default, the temporary directory, is local to each machine).
 """
 
+import argparse
 import gc
 import os
 import tempfile
@@ -16,6 +20,15 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import fully_shard
 
 import ampfn
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument(
+    "--checkpoint-dir",
+    default=tempfile.gettempdir(),
+    help="where the sharded checkpoint goes: a shared filesystem on several nodes "
+    "(default: the temporary directory, fine on one node)",
+)
+args = parser.parse_args()
 
 cuda = torch.cuda.is_available()
 dist.init_process_group("nccl" if cuda else "gloo")
@@ -60,7 +73,7 @@ model, opt, train_step = build()
 for step in range(6):
     train_step(batch(step))
     if step == 2:  # save: model and optimizer shards, plus ampfn's pipeline state
-        path = tempfile.gettempdir() + "/ampfn_fsdp2_example"
+        path = os.path.join(args.checkpoint_dir, "ampfn_fsdp2_example")
         msd, osd = get_state_dict(model, opt)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
         pipeline_state = ampfn.state_dict(train_step)  # identical on every rank
