@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -55,6 +56,28 @@ def test_demo_help_documents_the_options(capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     for option in ("--steps", "--pipelines", "--device", "--seed"):
         assert option in out
+
+
+def test_demo_help_states_the_defaults_parse_args_chooses(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        demo.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    found = re.search(
+        r"from (.+?) \(default (\S+)\); with --device xla, from (.+?) \(default (\S+)\)",
+        text,
+    )
+    assert found is not None, text
+    cpu_valid, cpu_default, xla_valid, xla_default = found.groups()
+    assert cpu_valid.split(", ") == list(demo.PIPELINES)
+    assert cpu_default.split(",") == demo.parse_args(["--device", "cpu"]).pipelines
+    assert xla_valid.split(", ") == list(demo._XLA_PIPELINES)
+    assert xla_default.split(",") == demo.parse_args(["--device", "xla"]).pipelines
+    # what the help lists for xla is what --device xla accepts
+    assert demo.parse_args(
+        ["--device", "xla", "--pipelines", ",".join(demo._XLA_PIPELINES)]
+    ).pipelines == list(demo._XLA_PIPELINES)
 
 
 def test_demo_rejects_unknown_pipelines(capsys: pytest.CaptureFixture[str]) -> None:

@@ -41,8 +41,15 @@ PIPELINES = (
     "bf16-true+master",
     "bf16-true+sr",
 )
-_XLA_PIPELINES = ("fp32", "bf16", "bf16-true", "bf16-true+master", "bf16-true+sr")
+_XLA_PIPELINES = (
+    "fp32",
+    "bf16",
+    "bf16-true",
+    "bf16-true+master",
+    "bf16-true+sr",
+)
 _DEFAULT = "fp32,bf16,fp16,bf16-true,bf16-true+sr"
+_XLA_DEFAULT = "fp32,bf16,bf16-true"
 
 
 def load_digits(seed: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -341,8 +348,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pipelines",
         default=None,
-        help=f"comma-separated, from {', '.join(PIPELINES)} (default {_DEFAULT}; "
-        f"with --device xla: {', '.join(_XLA_PIPELINES)})",
+        help=f"comma-separated, from {', '.join(PIPELINES)} (default {_DEFAULT}); "
+        f"with --device xla, from {', '.join(_XLA_PIPELINES)} (default {_XLA_DEFAULT})",
     )
     parser.add_argument(
         "--device",
@@ -383,10 +390,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if device not in ("cpu", "cuda", "xla"):
         parser.error(f"--device: expected cpu, cuda or xla, got {device!r}")
     valid = _XLA_PIPELINES if device == "xla" else PIPELINES
-    chosen = (
-        args.pipelines
-        or (",".join(_XLA_PIPELINES[:3]) if device == "xla" else _DEFAULT)
-    ).split(",")
+    chosen = (args.pipelines or (_XLA_DEFAULT if device == "xla" else _DEFAULT)).split(
+        ","
+    )
     for name in chosen:
         if name not in valid:
             parser.error(
