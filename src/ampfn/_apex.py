@@ -336,7 +336,10 @@ def with_apex(
         num_losses: how many losses, each with its own loss scaler.
         sync_ranks: agree on skips across ``torch.distributed`` ranks (as in
             :func:`with_grad_scaling`); native backend only: ``apex.amp`` decides each
-            rank's skips alone, as it always did.
+            rank's skips alone, as it always did. Costs one all-reduce per update with
+            one loss and fp32 gradients (a GradScaler, every optimizer together); with
+            Apex's per-loss scaler (``num_losses > 1``, O2 without master weights,
+            dynamic O3), one per backward plus one per update.
 
     Returns:
         A stateful transform; ``ampfn.state_dict`` holds the loss scaler and the masters.
