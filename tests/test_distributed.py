@@ -756,16 +756,20 @@ def test_ddp_on_cuda_tensors_agrees(tmp_path: Path) -> None:
 
 
 def test_fsdp_mixed_precision_maps_the_precision_names() -> None:
+    f32 = torch.float32
     table = {
-        "bf16-mixed": (torch.bfloat16, torch.float32),
-        "16-mixed": (torch.float16, torch.float32),
-        "bf16-true": (torch.bfloat16, torch.bfloat16),
-        "32-true": (torch.float32, torch.float32),
-        torch.float16: (torch.float16, torch.float32),
+        "bf16-mixed": (torch.bfloat16, f32, f32),
+        "16-mixed": (torch.float16, f32, f32),
+        "bf16-true": (torch.bfloat16, torch.bfloat16, f32),
+        "32-true": (f32, f32, None),
+        torch.float16: (torch.float16, f32, None),
     }
-    for name, (param, reduce) in table.items():
+    for name, dtypes in table.items():
         mp_policy = ampfn.fsdp_mixed_precision(name)
-        assert (mp_policy.param_dtype, mp_policy.reduce_dtype) == (param, reduce)
+        got = (mp_policy.param_dtype, mp_policy.reduce_dtype, mp_policy.output_dtype)
+        assert got == dtypes
+        if isinstance(name, str):  # a name and its ampfn.Policy agree
+            assert ampfn.fsdp_mixed_precision(ampfn.get_policy(name)) == mp_policy
     with pytest.raises(
         ValueError,
         match=r"expected one of 'bf16-mixed', '16-mixed', 'bf16-true', '32-true'",

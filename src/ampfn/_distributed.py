@@ -26,12 +26,7 @@ from typing import Any
 
 import torch
 
-_NAMES = {
-    "bf16-mixed": (torch.bfloat16, torch.float32),
-    "16-mixed": (torch.float16, torch.float32),
-    "bf16-true": (torch.bfloat16, torch.bfloat16),
-    "32-true": (torch.float32, torch.float32),
-}
+_NAMES = ("bf16-mixed", "16-mixed", "bf16-true", "32-true")
 
 
 def world_size() -> int:
@@ -50,16 +45,21 @@ def all_reduce_max(found: torch.Tensor) -> None:
 def fsdp_mixed_precision(policy: Any) -> Any:
     """FSDP2's ``MixedPrecisionPolicy`` for an ampfn precision.
 
-    =============== ============== ==============
-    policy          param_dtype    reduce_dtype
-    =============== ============== ==============
-    "bf16-mixed"    bf16           fp32
-    "16-mixed"      fp16           fp32
-    "bf16-true"     bf16           bf16
-    "32-true"       fp32           fp32
-    a dtype ``d``   ``d``          fp32
-    ampfn.Policy    compute dtype  fp32 when mixed, the param dtype when true
-    =============== ============== ==============
+    =============== ============== ============== ==============
+    policy          param_dtype    reduce_dtype   output_dtype
+    =============== ============== ============== ==============
+    "bf16-mixed"    bf16           fp32           fp32
+    "16-mixed"      fp16           fp32           fp32
+    "bf16-true"     bf16           bf16           fp32
+    "32-true"       fp32           fp32           (as computed)
+    a dtype ``d``   ``d``          fp32           (as computed)
+    ampfn.Policy    compute dtype  fp32 if mixed, its output dtype
+                                   else params
+    =============== ============== ============== ==============
+
+    A name means what :func:`get_policy` makes of it, so a name and its
+    ``ampfn.Policy`` give the same FSDP2 policy: outputs in fp32, as ampfn's policies
+    return them.
 
     FSDP2 keeps the sharded parameters in their own dtype (fp32 for an fp32 model) and
     casts them to ``param_dtype`` for the forward and backward, so autocast is optional
@@ -94,8 +94,10 @@ def fsdp_mixed_precision(policy: Any) -> Any:
                 f"{api}: expected one of {', '.join(map(repr, _NAMES))}, a torch.dtype or an "
                 f"ampfn.Policy, got {policy!r}"
             )
-        param, reduce = _NAMES[policy]
-    elif isinstance(policy, torch.dtype):
+        from ampfn._policy import get_policy
+
+        policy = get_policy(policy)
+    if isinstance(policy, torch.dtype):
         if not policy.is_floating_point:
             raise ValueError(f"{api}: expected a floating dtype, got {policy}")
         param, reduce = policy, torch.float32
