@@ -54,8 +54,15 @@ def _free_port() -> int:
 def _entry(rank: int, world: int, port: int, name: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    # the CUDA scenarios use NCCL when each rank has a GPU of its own, else gloo
+    nccl = name == "_cuda_scenarios" and torch.cuda.device_count() >= world
+    if nccl:
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        "nccl" if nccl else "gloo",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
     )
     code, results = 0, {}
     try:
@@ -427,11 +434,11 @@ def _fsdp2_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
         for i, b in enumerate(local):
             poison.armed = rank == 1 and i == POISON_AT
             before = full_params(model)
-            stepped = bool(run(b))
+            did_step = bool(run(b))
             moved = not all(
                 torch.equal(v, full_params(model)[k]) for k, v in before.items()
             )
-            seen.append((stepped, moved))
+            seen.append((did_step, moved))
         res[f"by hand {name}"] = seen
 
     # no loss scaling at all, bf16: the inf becomes NaN parameters, the same on every
@@ -505,6 +512,43 @@ def _fsdp2_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
     res["dcp straight"] = _dcp_run(rank, out, save_at=None)
     _dcp_run(rank, out, save_at=3)
     return res
+
+
+def _float8_run(rank: int, all_gather: bool) -> dict[str, Any]:
+    """FSDP2 over torchao's Float8Linear layers, fp8 all-gather or not; same data."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    fp8 = ampfn.with_float8(model, emulate=True, fsdp_float8_all_gather=all_gather)
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = fp8(step_fn(model, opt))
+    g = torch.Generator().manual_seed(rank)
+    losses = []
+    for _ in range(STEPS):
+        x, y = (
+            torch.randn(16, 32, generator=g),
+            torch.randint(0, 16, (16,), generator=g),
+        )
+        with torch.no_grad():
+            losses.append(float(F.cross_entropy(model(x).float(), y)))
+        step([(x, y)])
+    scales = [
+        getattr(layer.weight._local_tensor, "_precomputed_scale", None)  # type: ignore[union-attr]
+        for layer in (model[0], model[2])
+    ]
+    return {
+        "losses": losses,
+        "params": full_params(model),
+        "precomputed": all(s is not None for s in scales),  # ampfn's after-step effect
+    }
+
+
+def _float8_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
+    return {name: _float8_run(rank, name == "fp8") for name in ("plain", "fp8")}
 
 
 class LatePoison(ampfn.Handler):
@@ -701,11 +745,26 @@ def test_fsdp1_with_sharded_grad_scaler_or_grad_scaler(tmp_path: Path) -> None:
         assert r == {"ShardedGradScaler": "agree", "GradScaler": "agree"}
 
 
+def test_fsdp2_float8_all_gather_trains_as_the_plain_fp8_run(tmp_path: Path) -> None:
+    """with_float8(fsdp_float8_all_gather=True) under real FSDP2: weights all-gathered
+    in fp8 with the scales ampfn precomputes after each step give the run that gathers
+    them in fp32 and casts after (tensorwise: one amax over the whole weight)."""
+    pytest.importorskip("torchao")
+    for r in launch("_float8_scenarios", tmp_path):
+        plain, gathered = r["plain"], r["fp8"]
+        assert gathered["precomputed"]
+        assert not plain["precomputed"]
+        assert gathered["losses"][-1] < gathered["losses"][0]
+        torch.testing.assert_close(gathered["losses"], plain["losses"])
+        for name, value in plain["params"].items():
+            torch.testing.assert_close(gathered["params"][name], value)
+
+
 # --------------------------------------------------------------------------- CUDA
 
 
 def _cuda_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
-    """DDP with gloo on CUDA tensors (both ranks may share one GPU)."""
+    """DDP on CUDA tensors: NCCL with a GPU per rank, else gloo (ranks share one GPU)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device = torch.device("cuda", rank % torch.cuda.device_count())
@@ -789,13 +848,20 @@ def test_sync_ranks_needs_a_process_group() -> None:
         ampfn.with_grad_scaling(sync_ranks="yes")  # type: ignore[arg-type]
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for kw in ({}, {"num_losses": 2}):
+    for num_losses in (1, 2):
         with pytest.raises(
             ValueError,
             match=r"with_apex.*sync_ranks=True needs an initialized torch.distributed "
             "process group",
         ):
-            ampfn.with_apex("O1", model, opt, backend="native", sync_ranks=True, **kw)
+            ampfn.with_apex(
+                "O1",
+                model,
+                opt,
+                backend="native",
+                sync_ranks=True,
+                num_losses=num_losses,
+            )
 
 
 def test_check_ranks_agree_needs_a_process_group() -> None:
