@@ -289,6 +289,35 @@ def test_check_matches_reference_catches_a_perturbed_update() -> None:
         testing.check_matches_reference(make, _broken(_Perturbs()), fixed())
 
 
+class _NeverUpdates(Handler):
+    """Broken: reports a step and never takes one."""
+
+    def step(
+        self,
+        proceed: Callable[..., Any],
+        optimizer: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        return True
+
+
+def test_check_matches_reference_catches_a_pipeline_that_never_updates() -> None:
+    """Its updates are smaller than bf16's elementwise tolerance: only the check on the
+    training as a whole sees that nothing moved."""
+    broken = testing.TrialPipeline(
+        "never updates",
+        lambda m, o: ampfn.compose(
+            ampfn.with_handler(_NeverUpdates()), ampfn.with_autocast("bf16", "cpu")
+        ),
+    )
+    with pytest.raises(
+        AssertionError,
+        match=r"the updates are off by 100% of their size, beyond 0\.",
+    ):
+        testing.check_matches_reference(make, broken, fixed(), steps=6)
+
+
 def test_check_never_nonfinite_catches_fp16_without_scaling() -> None:
     huge = [(torch.full((16, 6), 6e4), torch.zeros(16, dtype=torch.long))] * 3
     with pytest.raises(

@@ -418,13 +418,20 @@ def check_matches_reference(
     The reference is the same step with no transform, from ``make(seed)`` again; it skips
     the steps the pipeline skipped (dynamic loss scaling skips a few at first), so both
     take the same updates. A parameter passes when ``|p - ref| <= atol + rtol * |ref|``;
-    both default to :func:`default_tolerance` of the pipeline's compute dtype.
+    both default to :func:`default_tolerance` of the pipeline's compute dtype. The
+    training as a whole passes when the distance to the reference, in norm over all
+    parameters, is at most ``bound`` times how far the reference moved: an update that
+    is wrong by less than the elementwise tolerance (a pipeline that never updates, with
+    small steps) still fails. ``bound`` is ``rtol`` when given, else
+    ``min(4 * default_tolerance, 0.5)``. True low-precision weights whose updates are
+    below their rounding step (the stall that master weights fix) fail it, as they should.
     """
 
     _validate("check_matches_reference", make, transform, steps=steps)
 
     def prop(drawn: list[Any]) -> None:
         trial, ref = _Trial(make, transform, seed), _Trial(make, None, seed)
+        start = {n: p.detach().float().clone() for n, p in ref.model.named_parameters()}
         skipped = 0
         for batch in drawn[:steps]:
             took = all(stepped for _, stepped in trial.run(batch))
@@ -452,6 +459,22 @@ def check_matches_reference(
             raise AssertionError(
                 f"check_matches_reference: after {steps} steps ({skipped} skipped) parameter {worst[1]!r} is "
                 f"{worst[2]:.3g} away from the fp32 reference, beyond {how}"
+            )
+        # the training itself: the pipeline's total update against the reference's, in
+        # norm over all parameters (elementwise bounds alone pass a pipeline that never
+        # updates when the updates are smaller than the tolerance)
+        off = moved = 0.0
+        for name, p in trial.model.named_parameters():
+            q = reference[f"model.{name}"].detach().float()
+            off += float((p.detach().float() - q).pow(2).sum())
+            moved += float((q - start[name]).pow(2).sum())
+        bound = r if rtol is not None else min(4 * tol, 0.5)
+        if moved > 0 and not math.sqrt(off) <= bound * math.sqrt(moved):
+            raise AssertionError(
+                f"check_matches_reference: after {steps} steps ({skipped} skipped) the parameters "
+                f"are {math.sqrt(off):.3g} (in norm) away from the fp32 reference, which moved "
+                f"{math.sqrt(moved):.3g} from the start: the updates are off by "
+                f"{math.sqrt(off / moved):.0%} of their size, beyond {bound:.3g}"
             )
 
     _for_each_example(prop, batches, steps, settings, shrink)
