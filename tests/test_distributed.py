@@ -962,3 +962,30 @@ def test_with_apex_all_reduces_once_per_update_and_once_per_backward_of_its_own_
     calls.clear()
     _two_optimizer_step(apex(2), clip=False, losses=2)(torch.randn(8, 4))
     assert calls == [(), (), ()]  # Apex's scaler: one per backward, one per update
+
+
+def test_with_apex_auto_takes_the_native_path_when_ranks_must_agree(
+    one_rank_group: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """backend='auto' with apex.amp importable and CUDA present picks apex.amp, which
+    decides each rank's skips alone; sync_ranks=True must pick the native path."""
+    import types
+
+    class Used(Exception):
+        pass
+
+    class Amp(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            raise Used(f"apex.amp.{name} was used")
+
+    fake = types.ModuleType("apex")
+    fake.amp = Amp("apex.amp")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "apex", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(Used):  # the fake is what 'auto' would use
+        ampfn.with_apex("O1", model, opt)
+    t = ampfn.with_apex("O1", model, opt, sync_ranks=True)
+    step = t(step_fn(model, opt))
+    assert step([batches(1)[0]]) is True
