@@ -989,3 +989,9 @@ def test_with_apex_auto_takes_the_native_path_when_ranks_must_agree(
     t = ampfn.with_apex("O1", model, opt, sync_ranks=True)
     step = t(step_fn(model, opt))
     assert step([batches(1)[0]]) is True
+    # sync_ranks=None: native as soon as a group of several ranks is initialized
+    monkeypatch.setattr("ampfn._distributed.world_size", lambda: 2)
+    step = ampfn.with_apex("O1", model, opt)(step_fn(model, opt))
+    assert step([batches(1)[0]]) is True
+    with pytest.raises(Used):  # opting out leaves the choice to 'auto'
+        ampfn.with_apex("O1", model, opt, sync_ranks=False)

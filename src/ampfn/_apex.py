@@ -277,6 +277,15 @@ def _native(
     )
 
 
+def _ranks_must_agree(backend: str, sync_ranks: bool | None) -> bool:
+    """Whether 'auto' must be native: ranks agree on skips only through ampfn's code."""
+    if sync_ranks is None and backend == "auto":
+        from ampfn._distributed import world_size
+
+        return world_size() > 1
+    return bool(sync_ranks)
+
+
 @factory()
 def with_apex(
     level: str,
@@ -329,8 +338,10 @@ def with_apex(
         optimizer: the models' optimizer or a list of them (optimizer-like wrappers such
             as LARC too); needed by O2 and O3 and by ``num_losses > 1``.
         backend: "native" (ampfn's implementation, any device), "apex" (``apex.amp``,
-            CUDA), or "auto": apex when ``apex.amp`` imports and CUDA is present, and
-            ``sync_ranks`` is not True.
+            CUDA), or "auto": apex when ``apex.amp`` imports and CUDA is present, unless
+            ranks must agree on skips (``apex.amp`` decides each rank's alone):
+            ``sync_ranks=True``, or ``sync_ranks=None`` with a process group of more than
+            one rank already initialized when ``with_apex`` is called.
         loss_scale, keep_batchnorm_fp32, master_weights: Apex's overrides.
         min_loss_scale, max_loss_scale: the dynamic scale's floor and ceiling.
         num_losses: how many losses, each with its own loss scaler.
@@ -377,7 +388,7 @@ def with_apex(
         check_autocast(device_type, torch.float16, _API)
     from ampfn._apex_backend import apex_amp, apex_transform
 
-    amp = apex_amp("native" if sync_ranks else backend)
+    amp = apex_amp("native" if _ranks_must_agree(backend, sync_ranks) else backend)
     if amp is not None:
         return apex_transform(
             amp,
