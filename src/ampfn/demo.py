@@ -45,6 +45,7 @@ _XLA_PIPELINES = (
     "fp32",
     "bf16",
     "bf16-true",
+    "16-true",
     "bf16-true+master",
     "bf16-true+sr",
 )

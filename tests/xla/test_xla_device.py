@@ -210,7 +210,9 @@ def test_demo_runs_its_bf16_pipelines_on_xla(
     assert rows == ["fp32", "bf16", "bf16-true"]
 
 
-@pytest.mark.parametrize("pipeline", ["fp32", "bf16-true+master", "bf16-true+sr"])
+@pytest.mark.parametrize(
+    "pipeline", ["fp32", "16-true", "bf16-true+master", "bf16-true+sr"]
+)
 def test_every_demo_pipeline_on_xla_cuts_the_graph_each_step(
     pipeline: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
