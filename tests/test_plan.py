@@ -121,7 +121,7 @@ def test_a_pass_through_handler_adds_no_python_call_per_step() -> None:
             wrapped = transform(train_step)
             for b in data[:3]:  # warm: optimizer state, lazy imports, caches
                 wrapped(b)
-            out.append(python_calls(lambda w=wrapped: w(data[3])))
+            out.append(python_calls(functools.partial(wrapped, data[3])))
         return out
 
     without = counts(None)

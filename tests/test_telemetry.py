@@ -340,9 +340,10 @@ def test_a_bare_decorator_on_a_step_is_caught() -> None:
     def one_argument(batch: Any) -> None:
         ampfn.backward(model(batch).sum())
 
+    args: tuple[Any, ...]
     for args in [(model,), (torch.ones(2),), ((torch.ones(2), 1),), ()]:
         with pytest.raises(TypeError, match=call_it):
-            one_argument(*args)
+            one_argument(*args)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="got 2 arguments"):
         one_argument(model, torch.ones(2))  # type: ignore[call-arg]
     assert model.weight.grad is None
