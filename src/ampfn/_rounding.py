@@ -16,6 +16,7 @@ makes a run reproducible) and saved in ``ampfn.state_dict``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,9 +24,8 @@ import torch
 _LOW = -(1 << 16)  # 0xFFFF0000 as an int32: keeps the bits bf16 has
 
 
-def stochastic_round(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``x`` (fp32) rounded stochastically to bf16; NaN stays NaN, inf stays inf."""
-    bits = x.view(torch.int32)
+def _noise(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Uniform random int32 below 2**16, one per element of ``x``, on ``x``'s device."""
     noise = torch.randint(
         0,
         1 << 16,
@@ -36,8 +36,50 @@ def stochastic_round(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     )
     if noise.device != x.device:  # a device without generators of its own (XLA)
         noise = noise.to(x.device)
+    return noise
+
+
+def _round(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    bits = x.view(torch.int32)
     rounded = ((bits + noise) & _LOW).view(torch.float32)
     return torch.where(x.isnan(), x, rounded).to(torch.bfloat16)
+
+
+def round_into(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    generator: Callable[[torch.device], torch.Generator],
+) -> None:
+    """Round each fp32 ``update`` stochastically into its bf16 ``target``, in order.
+
+    On XLA, ``Tensor.view(dtype)`` materializes its input: one graph execution per call.
+    There the updates are rounded as one flat tensor (two executions per step, not two
+    per parameter), with the same noise in the same order, so the bits are the same.
+    """
+    lazy: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for target, update in pairs:
+        noise = _noise(update, generator(update.device))
+        if update.device.type == "xla":
+            lazy.append((target, update, noise))
+        else:
+            target.copy_(_round(update, noise))
+    if lazy:
+        _round_flat(lazy)
+
+
+def _round_flat(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """Round the updates of ``items`` (target, update, noise) as one tensor per device."""
+    by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+    by_device = {}
+    for item in items:
+        by_device.setdefault(item[1].device, []).append(item)
+    for group in by_device.values():
+        flat = _round(
+            torch.cat([u.reshape(-1) for _, u, _ in group]),
+            torch.cat([n.reshape(-1) for _, _, n in group]),
+        )
+        parts = torch.split(flat, [t.numel() for t, _, _ in group])
+        for (target, _, _), part in zip(group, parts, strict=True):
+            target.copy_(part.view_as(target))
 
 
 class StochasticRounding:
@@ -92,13 +134,14 @@ class StochasticRounding:
                     p.grad = p.grad.float()
 
     def after_step(self, optimizer: Any) -> None:
-        with torch.no_grad():
-            for p, bf16, grad in self._saved:
-                updated = p.data
-                p.data = bf16
-                p.grad = grad
-                bf16.copy_(stochastic_round(updated, self._generator(updated.device)))
+        pairs = []
+        for p, bf16, grad in self._saved:
+            pairs.append((bf16, p.data))
+            p.data = bf16
+            p.grad = grad
         self._saved = []
+        with torch.no_grad():
+            round_into(pairs, self._generator)
 
     def state_dict(self) -> dict[str, Any]:
         return {
