@@ -31,7 +31,7 @@ def test_rounding_up_happens_with_the_probability_of_the_remainder() -> None:
     g = torch.Generator().manual_seed(0)
     out = _round(x, _noise(x, g)).float()
     share = float((out > 1.0).float().mean())
-    assert abs(share - 0.25) < 0.02  # 4.7 standard deviations
+    assert abs(share - 0.25) < 0.02  # 6.5 standard deviations (fixed seed)
 
 
 def test_rounding_as_one_flat_tensor_gives_the_same_bits() -> None:
