@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -313,9 +314,50 @@ def test_check_matches_reference_catches_a_pipeline_that_never_updates() -> None
     )
     with pytest.raises(
         AssertionError,
-        match=r"the updates are off by 100% of their size, beyond 0\.",
+        match=r"beyond update_rtol=0\.\d+ of that plus 0 for rounding the weights "
+        r"\(the updates are off by 100% of their size\)",
     ):
         testing.check_matches_reference(make, broken, fixed(), steps=6)
+
+
+def _make_sgd(lr: float) -> Callable[[int], Any]:
+    def make_with(seed: int) -> Any:
+        _, model, _ = make(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+
+        def train_step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+            ampfn.backward(F.cross_entropy(model(batch[0]).float(), batch[1]))
+            ampfn.step(opt)
+            opt.zero_grad(set_to_none=True)
+
+        return train_step, model, opt
+
+    return make_with
+
+
+@pytest.mark.parametrize("lr", [1e-3, 1e-6])
+@pytest.mark.parametrize("name", ["bf16-true+master", "16-true+master+scaling"])
+def test_check_matches_reference_allows_the_rounding_of_half_weights(
+    name: str, lr: float
+) -> None:
+    """Master-weight pipelines track the fp32 run; their half model weights are that run
+    rounded, which at small learning rates is more than the updates themselves."""
+    pipeline = next(p for p in testing.available_pipelines("cpu") if p.name == name)
+    testing.check_matches_reference(_make_sgd(lr), pipeline, fixed(), steps=8)
+
+
+def test_check_matches_reference_elementwise_and_update_tolerances_are_separate() -> (
+    None
+):
+    bf16 = ampfn.with_autocast("bf16", "cpu")
+    testing.check_matches_reference(make, bf16, fixed(), rtol=0.0, atol=0.05)
+    broken = testing.TrialPipeline(
+        "never updates",
+        lambda m, o: ampfn.compose(ampfn.with_handler(_NeverUpdates()), bf16),
+    )
+    testing.check_matches_reference(make, broken, fixed(), update_rtol=math.inf)
+    with pytest.raises(ValueError, match=r"update_rtol must be a number >= 0, got -1"):
+        testing.check_matches_reference(make, bf16, fixed(), update_rtol=-1)
 
 
 def test_check_never_nonfinite_catches_fp16_without_scaling() -> None:

@@ -409,6 +409,7 @@ def check_matches_reference(
     steps: int = 8,
     rtol: float | None = None,
     atol: float | None = None,
+    update_rtol: float | None = None,
     seed: int = 0,
     settings: Any = None,
     shrink: bool = False,
@@ -418,16 +419,26 @@ def check_matches_reference(
     The reference is the same step with no transform, from ``make(seed)`` again; it skips
     the steps the pipeline skipped (dynamic loss scaling skips a few at first), so both
     take the same updates. A parameter passes when ``|p - ref| <= atol + rtol * |ref|``;
-    both default to :func:`default_tolerance` of the pipeline's compute dtype. The
-    training as a whole passes when the distance to the reference, in norm over all
-    parameters, is at most ``bound`` times how far the reference moved: an update that
-    is wrong by less than the elementwise tolerance (a pipeline that never updates, with
-    small steps) still fails. ``bound`` is ``rtol`` when given, else
-    ``min(4 * default_tolerance, 0.5)``. True low-precision weights whose updates are
-    below their rounding step (the stall that master weights fix) fail it, as they should.
+    both default to :func:`default_tolerance` of the pipeline's compute dtype.
+
+    The training as a whole passes when the distance to the reference, in norm over all
+    parameters, is at most ``update_rtol`` times how far the reference moved, plus the
+    rounding of the model's own weights (``eps(param dtype) * sqrt(steps)`` times their
+    norm; nothing for fp32 weights). So an update that is wrong by less than the
+    elementwise tolerance (a pipeline that never updates, with small steps) still fails.
+    ``update_rtol`` defaults to ``min(4 * default_tolerance, 0.5)``; ``math.inf`` turns
+    this part off.
     """
 
     _validate("check_matches_reference", make, transform, steps=steps)
+    if update_rtol is not None and (
+        isinstance(update_rtol, bool)
+        or not isinstance(update_rtol, (int, float))
+        or not update_rtol >= 0
+    ):
+        raise ValueError(
+            f"check_matches_reference: update_rtol must be a number >= 0, got {update_rtol!r}"
+        )
 
     def prop(drawn: list[Any]) -> None:
         trial, ref = _Trial(make, transform, seed), _Trial(make, None, seed)
@@ -463,18 +474,23 @@ def check_matches_reference(
         # the training itself: the pipeline's total update against the reference's, in
         # norm over all parameters (elementwise bounds alone pass a pipeline that never
         # updates when the updates are smaller than the tolerance)
-        off = moved = 0.0
+        off = moved = rounding = 0.0
         for name, p in trial.model.named_parameters():
             q = reference[f"model.{name}"].detach().float()
             off += float((p.detach().float() - q).pow(2).sum())
             moved += float((q - start[name]).pow(2).sum())
-        bound = r if rtol is not None else min(4 * tol, 0.5)
-        if moved > 0 and not math.sqrt(off) <= bound * math.sqrt(moved):
+            if p.dtype != torch.float32 and p.is_floating_point():
+                eps = torch.finfo(p.dtype).eps * math.sqrt(steps)
+                rounding += eps**2 * float(q.pow(2).sum())
+        bound = min(4 * tol, 0.5) if update_rtol is None else update_rtol
+        allowed = bound * math.sqrt(moved) + math.sqrt(rounding)
+        if moved > 0 and not math.sqrt(off) <= allowed:
             raise AssertionError(
                 f"check_matches_reference: after {steps} steps ({skipped} skipped) the parameters "
                 f"are {math.sqrt(off):.3g} (in norm) away from the fp32 reference, which moved "
-                f"{math.sqrt(moved):.3g} from the start: the updates are off by "
-                f"{math.sqrt(off / moved):.0%} of their size, beyond {bound:.3g}"
+                f"{math.sqrt(moved):.3g} from the start: beyond update_rtol={bound:.3g} of that "
+                f"plus {math.sqrt(rounding):.3g} for rounding the weights (the updates are off by "
+                f"{math.sqrt(off / moved):.0%} of their size)"
             )
 
     _for_each_example(prop, batches, steps, settings, shrink)
