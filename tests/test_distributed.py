@@ -995,3 +995,38 @@ def test_with_apex_auto_takes_the_native_path_when_ranks_must_agree(
     assert step([batches(1)[0]]) is True
     with pytest.raises(Used):  # opting out leaves the choice to 'auto'
         ampfn.with_apex("O1", model, opt, sync_ranks=False)
+
+
+def test_apex_per_loss_scaler_with_synced_ranks_skips_as_one_process_does(
+    one_rank_group: Any,
+) -> None:
+    """Two losses stepped in turn (a GAN's order). The optimizer whose loss overflowed
+    keeps its stale inf gradients until it zeroes them before its next backward; the
+    check before the other optimizer's step must not count them (it did: every overflow
+    of one loss then skipped the next update of both)."""
+
+    def run(sync: bool) -> list[tuple[bool, bool]]:
+        torch.manual_seed(0)
+        a, b = nn.Linear(4, 1), nn.Linear(4, 1)
+        oa = torch.optim.SGD(a.parameters(), lr=0.1)
+        ob = torch.optim.SGD(b.parameters(), lr=0.1)
+        apex = ampfn.with_apex(
+            "O1", [a, b], [oa, ob], num_losses=2, backend="native", sync_ranks=sync
+        )
+
+        @apex
+        def step(x: torch.Tensor, poison: bool) -> tuple[bool, bool]:
+            oa.zero_grad()
+            ampfn.backward(a(x).pow(2).mean(), loss_id=0)
+            sa = ampfn.step(oa)
+            ob.zero_grad()
+            lb = b(x).pow(2).mean() * (float("inf") if poison else 1.0)
+            ampfn.backward(lb, loss_id=1)
+            return bool(sa), bool(ampfn.step(ob))
+
+        x = torch.randn(8, 4)
+        return [step(x, i == 1) for i in range(4)]
+
+    alone = run(False)
+    assert alone[1] == (True, False)  # only b's loss overflowed
+    assert run(True) == alone

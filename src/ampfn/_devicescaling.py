@@ -9,9 +9,10 @@
   unscaled as soon as it finishes (with its own loss's scale) and its scale updated,
   and the step is skipped, for every optimizer, when any backward since the last step
   overflowed. With several ranks, each backward's overflow is all-reduced (so the
-  scales stay identical), and at an update's first ``ampfn.step`` every optimizer's
-  gradients are checked once more and the flag all-reduced again, so that a gradient
-  made non-finite on one rank after its backward skips the step on every rank.
+  scales stay identical), and before a step the gradients made since the ranks last
+  agreed are checked once more and the flag all-reduced again (once per update when
+  every backward comes before the steps), so that a gradient made non-finite on one
+  rank after its backward skips the step on every rank.
 
 The kernels are GradScaler's: ``torch._amp_foreach_non_finite_check_and_unscale_`` and
 ``torch._amp_update_scale_``.
@@ -352,7 +353,8 @@ class ApexScaling(Scaling):
         self.overflow = torch.zeros(
             (), dtype=torch.float32, device=scales[0].scale.device
         )
-        self.agreed_update = False  # the ranks agreed on this update's skip
+        # with several ranks: parameters given gradients since the ranks last agreed
+        self.touched: dict[int, torch.Tensor] = {}
         self._stash: list[torch.Tensor | None] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -395,6 +397,9 @@ class ApexScaling(Scaling):
         ls = self.scales[loss_id]
         params = self._params()
         fresh = [p.grad for p in params if p.grad is not None]
+        syncing = ls.dynamic and self.sync_ranks is not False and self.ranks()
+        if syncing:
+            self.touched.update((id(p), p) for p in params if p.grad is not None)
         found = torch.zeros((), dtype=torch.float32, device=ls.scale.device)
         if fresh and ls.dynamic:
             unscale_grads(fresh, ls.scale.double().reciprocal().float(), found)
@@ -405,7 +410,7 @@ class ApexScaling(Scaling):
                 p.grad = old if p.grad is None else p.grad.add_(old)
         self._stash = []
         if ls.dynamic:
-            if self.sync_ranks is not False and self.ranks():
+            if syncing:
                 from ampfn._distributed import all_reduce_max
 
                 all_reduce_max(found)
@@ -435,8 +440,8 @@ class ApexScaling(Scaling):
             refuse_closure(self.api, args, kwargs)
         self.check_step(optimizer)
         if self.dynamic:
-            if not self.agreed_update and self.sync_ranks is not False and self.ranks():
-                self.agree(optimizer)
+            if self.touched:
+                self.agree()
             if bool(self.overflow):  # Apex reads its overflow flag on the host too
                 self.stepped_now(optimizer)
                 return False
@@ -448,26 +453,27 @@ class ApexScaling(Scaling):
         self.stepped_now(optimizer)
         return True
 
-    def agree(self, optimizer: Any) -> None:
-        """At an update's first step, with several ranks: fold in whether any gradient of
-        this scaler's optimizers is non-finite now (each backward was checked as it
-        finished, but a rank-local hook, clip or fault may change a gradient after that),
-        and all-reduce (MAX) the overflow flag, once for all of them, on the device."""
+    def agree(self) -> None:
+        """Before a step, with several ranks: fold in whether a gradient made since the
+        ranks last agreed is non-finite now (each backward was checked as it finished,
+        but a rank-local hook, clip or fault may change a gradient after that), and
+        all-reduce (MAX) the overflow flag, once for all of them, on the device. Only
+        those gradients: an optimizer's stale ones (from its own skipped step, not yet
+        cleared) are not this update's."""
         from ampfn._distributed import all_reduce_max
 
-        optimizers = {id(o): o for o in (*self.optimizers, optimizer)}
-        grads = [p.grad for o in optimizers.values() for p in _params_with_grads(o)]
+        grads = [p.grad for p in self.touched.values() if p.grad is not None]
+        self.touched = {}
         found = torch.zeros_like(self.overflow)
         if grads:  # GradScaler's kernel, times 1: a check that changes nothing
-            unscale_grads(grads, torch.ones_like(self.overflow), found)  # type: ignore[arg-type]
+            unscale_grads(grads, torch.ones_like(self.overflow), found)
         self.overflow.add_(found)
         all_reduce_max(self.overflow)
-        self.agreed_update = True
 
     def finish(self, failed: bool) -> None:
         updated = self.any_step
         if updated:
             self.overflow.zero_()
         if updated or failed:
-            self.agreed_update = False
+            self.touched = {}
         self.end_call(failed, updated)
