@@ -350,7 +350,8 @@ def with_apex(
             rank's skips alone, as it always did. Costs one all-reduce per update with
             one loss and fp32 gradients (a GradScaler, every optimizer together); with
             Apex's per-loss scaler (``num_losses > 1``, O2 without master weights,
-            dynamic O3), one per backward plus one per update.
+            dynamic O3), one per backward plus one before the first step after new
+            backwards (one per update when every backward comes first).
 
     Returns:
         A stateful transform; ``ampfn.state_dict`` holds the loss scaler and the masters.

@@ -12,7 +12,8 @@ later optimizer's gradients at the first step without unscaling them early; one
 optimizer costs one all-reduce per update. ``with_apex``'s GradScaler steps all its
 optimizers together, in one collective. Apex's own per-loss scaler (``num_losses > 1``,
 fp16 gradients, dynamic O3) all-reduces once per backward (which keeps the loss scales
-identical) and once per update (at the first step). With DDP a non-finite value produced in the backward already reaches
+identical) and once before the first step that follows new backwards (once per update
+when every backward comes before the steps). With DDP a non-finite value produced in the backward already reaches
 every rank through the gradient all-reduce; the extra collective covers what happens to
 a rank's gradients after it (a rank-local hook or clip, parameters DDP ignores, a
 hardware fault). With FSDP2, GradScaler's unscale kernel already reduces ``found_inf``
