@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import gc
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -170,14 +172,29 @@ def test_a_nested_step_builds_each_union_once_whatever_pipeline_calls_it(
     assert len(records) == 3  # the telemetry of outer_b saw inner's steps
 
 
-def test_the_cache_of_unions_is_bounded() -> None:
-    def step(batch: int) -> int:
-        return batch
+def test_a_union_goes_with_its_outer_pipeline() -> None:
+    """The cache of unions must not keep a discarded outer pipeline (and the master
+    weights or scaler it holds) alive: it held up to 8 of them."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
-    inner = plan_of(ampfn.with_autocast("bf16", "cpu")(step))
-    outers = [plan_of(ampfn.with_grad_scaling()(step)) for _ in range(20)]
-    unions = [inner.under(o) for o in outers]
-    assert len(inner._under) <= 8
-    assert inner.under(outers[-1]) is unions[-1]
-    assert inner.under(outers[-2]) is unions[-2]
-    assert unions[0].fragments == outers[0].fragments + inner.fragments
+    @ampfn.with_autocast("bf16", "cpu")
+    def inner(b: Batch) -> None:
+        ampfn.backward(F.cross_entropy(model(b[0]).float(), b[1]))
+        ampfn.step(opt)
+        opt.zero_grad(set_to_none=True)
+
+    gone = []
+    for b in batches(3):
+        big = mlp()
+        big_opt = torch.optim.SGD(big.parameters(), lr=0.1)
+        policy = ampfn.with_policy("bf16-true", big, big_opt, master_weights=True)
+        outer = policy(lambda b: inner(b))
+        outer(b)
+        gone.append(weakref.ref(big_opt))
+        del outer, policy, big, big_opt
+    gc.collect()  # frees the outer plans (and the cache entries, by their weakrefs)
+    gc.collect()  # then the unions (an engine is in a reference cycle)
+    assert [r() for r in gone] == [None, None, None]
+    unions = plan_of(inner)._under
+    assert len(unions) == 0

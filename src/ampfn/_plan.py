@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -360,8 +361,7 @@ class Plan:
     """What each effect does while a pipeline's step runs (see the module docstring)."""
 
     __slots__ = (
-        "_merged",
-        "_outer",
+        "__weakref__",
         "_under",
         "backward",
         "clip_grad_norm_",
@@ -389,29 +389,19 @@ class Plan:
         self.plain_step = direct and engine.scaling is None
         if direct and engine.scaling is not None:
             self.step = engine.scaling.step
-        self._outer: Plan | None = None
-        self._merged: Plan = self
-        self._under: dict[Plan, Plan] = {}
+        self._under: weakref.WeakKeyDictionary[Plan, Plan] = weakref.WeakKeyDictionary()
 
     def under(self, outer: Plan) -> Plan:
         """This plan nested inside ``outer``'s step: the union of both.
 
-        Cached per outer plan (the last one used is checked first), so a step called in
-        turn from several pipelines builds each union once. The cache keeps the outer
-        plans alive and holds at most ``_UNDER_CACHE`` of them, dropping the oldest.
+        Cached per outer plan, so a step called in turn from several pipelines builds
+        each union once; an entry goes with its outer plan (the union holds the outer
+        fragments, not the plan), so a discarded outer pipeline's state is freed.
         """
-        if self._outer is outer:
-            return self._merged
         merged = self._under.get(outer)
         if merged is None:
-            if len(self._under) >= _UNDER_CACHE:
-                del self._under[next(iter(self._under))]
             merged = self._under[outer] = Plan(outer.fragments + self.fragments)
-        self._outer, self._merged = outer, merged
         return merged
-
-
-_UNDER_CACHE = 8  # outer plans remembered per nested plan
 
 
 class Layer:
