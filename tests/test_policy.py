@@ -239,7 +239,7 @@ def test_compositions_and_conflicts() -> None:
             ampfn.with_grad_scaling(), ampfn.with_policy("16-true", mlp(), None)
         )
     # with_autocast beside a policy would decide the forward's dtype behind its back
-    for policy in ("bf16-mixed", "bf16-true", "32-true"):
+    for policy in ("bf16-mixed", "bf16-true", "64-true"):
         with pytest.raises(
             ValueError, match=r"with_autocast, with_policy: the precision"
         ):
@@ -256,6 +256,11 @@ def test_compositions_and_conflicts() -> None:
         ampfn.compose(
             ampfn.with_autocast("bf16", "cpu"), ampfn.with_apex("O1", backend="native")
         )
+    # precision transforms that compute in fp32 leave the forward to autocast
+    ampfn.compose(ampfn.with_policy("32-true"), ampfn.with_autocast("bf16", "cpu"))
+    ampfn.compose(
+        ampfn.with_apex("O0", backend="native"), ampfn.with_autocast("bf16", "cpu")
+    )
     # 16-true with masters and loss scaling trains
     step = ampfn.compose(
         ampfn.with_grad_scaling(),

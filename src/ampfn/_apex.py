@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ampfn._autocast import check_autocast, default_device_type
-from ampfn._core import Parts, Stateful, Transform, compute_tag, factory
+from ampfn._core import Parts, Stateful, Transform, factory, precision_tags
 from ampfn._devicescaling import ApexScaling, LossScale
 from ampfn._effects import is_optimizer
 from ampfn._masters import MasterWeights
@@ -270,8 +270,7 @@ def _native(
         fragment=fragment,
         tags=(
             "loss_scaling",
-            "precision",
-            compute_tag(torch.float16 if half or props.autocast else torch.float32),
+            *precision_tags(torch.float16 if half or props.autocast else torch.float32),
         ),
         state=Parts(**parts) if parts else None,
     )

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ampfn._core import Transform, compute_tag
+from ampfn._core import Transform, precision_tags
 from ampfn._effects import Handler, Params
 
 _HINT = (
@@ -120,8 +120,7 @@ def apex_transform(
         handler=handler,
         tags=(
             "loss_scaling",
-            "precision",
-            compute_tag(torch.float32 if level == "O0" else torch.float16),
+            *precision_tags(torch.float32 if level == "O0" else torch.float16),
         ),
         state=handler,
     )

@@ -59,7 +59,7 @@ _INCOMPATIBLE = {
         "refuses to unscale; use with_policy('16-true', model, optimizer, master_weights=True), "
         "or with_apex('O2', model, optimizer) for fp16 weights with masters and loss scaling"
     ),
-    frozenset({"autocast", "precision"}): (
+    frozenset({"autocast", "forward_dtype"}): (
         "{names}: the precision transform decides the forward's dtype itself, and "
         "with_autocast would override it; drop with_autocast, or use a mixed policy "
         "(with_policy('bf16-mixed') is with_autocast('bf16'))"
@@ -77,6 +77,13 @@ States = tuple[tuple[str, Stateful], ...]  # (transform name, stateful object)
 def compute_tag(dtype: torch.dtype) -> str:
     """The tag recording the lowest precision a transform computes in."""
     return f"compute:{dtype}".replace("torch.", "")
+
+
+def precision_tags(dtype: torch.dtype) -> tuple[str, ...]:
+    """Tags of a precision transform computing in ``dtype``: "forward_dtype" when it
+    decides the forward's dtype (anything but float32), which autocast would override."""
+    forward = ("forward_dtype",) if dtype != torch.float32 else ()
+    return ("precision", compute_tag(dtype), *forward)
 
 
 def compute_dtype(wrapped_step: Callable[..., Any]) -> torch.dtype:

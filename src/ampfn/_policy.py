@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from ampfn._autocast import autocast_fragment, check_autocast, default_device_type
-from ampfn._core import Parts, Stateful, Transform, compose, compute_tag, factory
+from ampfn._core import (
+    Parts,
+    Stateful,
+    Transform,
+    compose,
+    factory,
+    precision_tags,
+)
 from ampfn._masters import MasterWeights
 from ampfn._modules import (
     cast_floating,
@@ -293,7 +300,7 @@ def _mixed(policy: Policy, model: Any) -> Any:
     autocast = Transform(
         "with_policy",
         fragment=autocast_fragment("with_policy", device, dtype, None),
-        tags=("precision", compute_tag(dtype)),
+        tags=precision_tags(dtype),
     )
     if dtype == torch.float16:  # as with_apex O1: fp16 autocast needs loss scaling
         return compose(with_grad_scaling(torch.amp.GradScaler(device)), autocast)
@@ -384,7 +391,7 @@ def with_policy(
         return Transform(
             "with_policy",
             fragment=Fragment("with_policy"),
-            tags=("precision", compute_tag(param)),
+            tags=precision_tags(param),
         )
     for name, p in model.named_parameters():
         if p.is_floating_point() and p.dtype != torch.float32:
@@ -407,7 +414,7 @@ def with_policy(
         if keep_fn is not None:
             compute_in_fp32(model, keep_fn)
         patch_forward(model, policy.compute_dtype, policy.output_dtype)
-    tags = ["precision", compute_tag(policy.compute_dtype)]
+    tags = list(precision_tags(policy.compute_dtype))
     if param == torch.float16 and not master_weights:
         tags.append("fp16_grads")
     return Transform(

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ampfn._autocast import check_autocast
-from ampfn._core import Transform, compute_tag, factory
+from ampfn._core import Transform, factory, precision_tags
 from ampfn._modules import cast_module, patch_forward
 from ampfn._plan import Fragment
 
@@ -119,5 +119,5 @@ def with_xla_bf16(
     return Transform(
         "with_xla_bf16",
         fragment=fragment,
-        tags=("xla_bf16", "precision", compute_tag(torch.bfloat16)),
+        tags=("xla_bf16", *precision_tags(torch.bfloat16)),
     )
