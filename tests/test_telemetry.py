@@ -341,12 +341,30 @@ def test_a_bare_decorator_on_a_step_is_caught() -> None:
         ampfn.backward(model(batch).sum())
 
     args: tuple[Any, ...]
-    for args in [(model,), (torch.ones(2),), ((torch.ones(2), 1),), ()]:
+    for args in [(torch.ones(2),), ((torch.ones(2), 1),), ()]:
         with pytest.raises(TypeError, match=call_it):
             one_argument(*args)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="got 2 arguments"):
         one_argument(model, torch.ones(2))  # type: ignore[call-arg]
     assert model.weight.grad is None
+
+
+def test_a_module_whose_forward_calls_the_effects_is_a_step() -> None:
+    """As under every transform: with_telemetry(sink)(module) wraps the module."""
+
+    class Trainer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+            self.opt = torch.optim.SGD(self.lin.parameters(), lr=0.1)
+
+        def forward(self, x: torch.Tensor) -> None:
+            ampfn.backward(self.lin(x).sum())
+            ampfn.step(self.opt)
+
+    records: list[ampfn.StepRecord] = []
+    ampfn.with_telemetry(records)(Trainer())(torch.ones(3, 2))
+    assert [r.stepped for r in records] == [(True,)]
 
 
 class Sink:

@@ -164,8 +164,9 @@ class TelemetryTransform(Transform):
     Its sink may be any function, so ``@ampfn.with_telemetry`` put on a step without
     calling it takes the step as the sink, and binds the step's name to this transform.
     The first call of that name then hands it the step's arguments instead of a step: a
-    model, a tensor, a batch, or several of them. None of those is a step (a model's
-    forward calls no effect that telemetry observes), so they are refused with the fix.
+    tensor, a batch, or several of them. None of those is a step, so they are refused
+    with the fix. A module is a callable like any step (its forward may call the effects)
+    and is wrapped, as by every transform.
     """
 
     __slots__ = ()
@@ -175,7 +176,7 @@ class TelemetryTransform(Transform):
             got = f"{len(args)} arguments" + (
                 f" and keywords {', '.join(kwargs)}" if kwargs else ""
             )
-        elif isinstance(args[0], nn.Module) or not callable(args[0]):
+        elif not callable(args[0]):
             got = f"a {type(args[0]).__name__}"
         else:
             return super().__call__(args[0])
