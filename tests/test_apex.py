@@ -750,3 +750,23 @@ def test_o1_gradient_penalty_matches_the_hand_written_grad_scaler_recipe() -> No
         scales.append(ampfn.loss_scale(step))
     assert params_equal(model, ref)
     assert scales == ref_scales
+
+
+def test_the_apex_backend_refuses_a_closure_before_stepping() -> None:
+    """As every loss-scaling path does (real Apex refuses closures in its patched steps)."""
+    import types
+
+    from ampfn._apex_backend import ApexAmp
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handler = ApexAmp(types.ModuleType("apex.amp"), [opt])
+
+    def closure() -> torch.Tensor:
+        raise AssertionError("the closure ran")
+
+    before = model.weight.detach().clone()
+    for args, kwargs in [((closure,), {}), ((), {"closure": closure})]:
+        with pytest.raises(RuntimeError, match=r"with_apex refuses closures"):
+            handler.step(lambda *a: None, opt, args, dict(kwargs))
+    assert torch.equal(model.weight, before)

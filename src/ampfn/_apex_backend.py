@@ -14,6 +14,7 @@ import torch
 
 from ampfn._core import Transform, precision_tags
 from ampfn._effects import Handler, Params
+from ampfn._scaling import refuse_closure
 
 _HINT = (
     "NVIDIA Apex is not on PyPI (the 'apex' package there is an unrelated project): build it from "
@@ -59,6 +60,8 @@ class ApexAmp(Handler):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> bool:
+        if args or kwargs:
+            refuse_closure("with_apex", args, kwargs)
         # After an overflow Apex swaps optimizer.step for a one-shot skip_step.
         skipped = bool(
             getattr(getattr(optimizer, "_amp_stash", None), "already_patched", False)
