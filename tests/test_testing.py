@@ -480,18 +480,16 @@ def test_missing_hypothesis_names_the_extra() -> None:
 
 
 def test_states_compare_nan_as_equal_and_dtype_as_part_of_the_value() -> None:
-    from ampfn.testing._checks import _first_difference
+    from ampfn.testing._trial import first_difference
 
     nan = float("nan")
     a = {"w": torch.tensor([1.0, nan, -0.0]), "s": [nan, 2]}
     same = {"w": torch.tensor([1.0, nan, -0.0]), "s": [nan, 2]}
-    assert _first_difference(a, same) is None  # identical NaNs on every rank agree
+    assert first_difference(a, same) is None  # identical NaNs on every rank agree
     moved = {"w": torch.tensor([1.0, 2.0, -0.0]), "s": [nan, 2]}
-    assert _first_difference(a, moved) is not None
+    assert first_difference(a, moved) is not None
     elsewhere = {"w": torch.tensor([nan, 1.0, -0.0]), "s": [nan, 2]}
-    assert _first_difference(a, elsewhere) is not None
-    assert _first_difference(torch.ones(2), torch.ones(2, dtype=torch.float64))
-    assert _first_difference(torch.ones(2), torch.ones(1, 2))
-    assert (
-        _first_difference(torch.ones(2, dtype=torch.int64), torch.ones(2)) is not None
-    )
+    assert first_difference(a, elsewhere) is not None
+    assert first_difference(torch.ones(2), torch.ones(2, dtype=torch.float64))
+    assert first_difference(torch.ones(2), torch.ones(1, 2))
+    assert first_difference(torch.ones(2, dtype=torch.int64), torch.ones(2)) is not None

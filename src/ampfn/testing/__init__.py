@@ -31,11 +31,11 @@ except ImportError as e:  # exercised in a subprocess test
 from ampfn.testing._checks import (
     check_matches_reference,
     check_never_nonfinite,
-    check_ranks_agree,
     check_skips_nonfinite,
     check_state_roundtrip,
     default_tolerance,
 )
+from ampfn.testing._ranks import check_ranks_agree
 from ampfn.testing._strategies import (
     LossScaleSettings,
     TrialPipeline,
