@@ -346,6 +346,23 @@ def test_check_matches_reference_allows_the_rounding_of_half_weights(
     testing.check_matches_reference(_make_sgd(lr), pipeline, fixed(), steps=8)
 
 
+def test_check_matches_reference_compares_the_master_weights() -> None:
+    """With fp32 masters the whole-training bound compares them, not the half model
+    weights, so a pipeline that never updates is caught at a small learning rate too
+    (the rounding of bf16 model weights hid it)."""
+    masters = next(
+        p for p in testing.available_pipelines("cpu") if p.name == "bf16-true+master"
+    )
+    broken = testing.TrialPipeline(
+        "never updates",
+        lambda m, o: ampfn.compose(
+            ampfn.with_handler(_NeverUpdates()), masters.build(m, o)
+        ),
+    )
+    with pytest.raises(AssertionError, match=r"off by 100% of their size"):
+        testing.check_matches_reference(_make_sgd(1e-3), broken, fixed(), steps=8)
+
+
 def test_check_matches_reference_elementwise_and_update_tolerances_are_separate() -> (
     None
 ):
@@ -358,6 +375,10 @@ def test_check_matches_reference_elementwise_and_update_tolerances_are_separate(
     testing.check_matches_reference(make, broken, fixed(), update_rtol=math.inf)
     with pytest.raises(ValueError, match=r"update_rtol must be a number >= 0, got -1"):
         testing.check_matches_reference(make, bf16, fixed(), update_rtol=-1)
+    with pytest.raises(ValueError, match=r"update_rtol must be a number >= 0, got nan"):
+        testing.check_matches_reference(make, bf16, fixed(), update_rtol=math.nan)
+    np = pytest.importorskip("numpy")
+    testing.check_matches_reference(make, bf16, fixed(), update_rtol=np.float32(0.5))
 
 
 def test_check_never_nonfinite_catches_fp16_without_scaling() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -178,11 +179,15 @@ def check_matches_reference(
     take the same updates. A parameter passes when ``|p - ref| <= atol + rtol * |ref|``;
     both default to :func:`default_tolerance` of the pipeline's compute dtype.
 
-    The training as a whole passes when the distance to the reference, in norm over all
-    parameters, is at most ``update_rtol`` times how far the reference moved, plus the
-    rounding of the model's own weights (``eps(param dtype) * sqrt(steps)`` times their
-    norm; nothing for fp32 weights). So an update that is wrong by less than the
-    elementwise tolerance (a pipeline that never updates, with small steps) still fails.
+    The training as a whole passes when the distance between the optimizers' parameters
+    (fp32 master weights where the pipeline keeps them) and the reference's, in norm over
+    all of them, is at most ``update_rtol`` times how far the reference moved, plus what
+    rounding half-precision parameters can cost over ``steps`` steps (half a unit in the
+    last place per element, times ``sqrt(steps)``: stochastic rounding's spread; nothing
+    for fp32 parameters). So an update that is wrong by less than the elementwise
+    tolerance (a pipeline that never updates, with small steps) still fails. With
+    half-precision weights and no master weights, updates within that rounding cannot be
+    told from none.
     ``update_rtol`` defaults to ``min(4 * default_tolerance, 0.5)``; ``math.inf`` turns
     this part off.
     """
@@ -190,7 +195,7 @@ def check_matches_reference(
     validate("check_matches_reference", make, transform, steps=steps)
     if update_rtol is not None and (
         isinstance(update_rtol, bool)
-        or not isinstance(update_rtol, (int, float))
+        or not isinstance(update_rtol, numbers.Real)
         or not update_rtol >= 0
     ):
         raise ValueError(
@@ -199,7 +204,9 @@ def check_matches_reference(
 
     def prop(drawn: list[Any]) -> None:
         trial, ref = Trial(make, transform, seed), Trial(make, None, seed)
-        start = {n: p.detach().float().clone() for n, p in ref.model.named_parameters()}
+        start = {
+            k: t.detach().float().clone() for k, t in _stepped(ref.named_tensors())
+        }
         skipped = 0
         for batch in drawn[:steps]:
             took = all(stepped for _, stepped in trial.run(batch))
@@ -232,13 +239,13 @@ def check_matches_reference(
         # norm over all parameters (elementwise bounds alone pass a pipeline that never
         # updates when the updates are smaller than the tolerance)
         off = moved = rounding = 0.0
-        for name, p in trial.model.named_parameters():
-            q = reference[f"model.{name}"].detach().float()
-            off += float((p.detach().float() - q).pow(2).sum())
-            moved += float((q - start[name]).pow(2).sum())
-            if p.dtype != torch.float32 and p.is_floating_point():
-                eps = torch.finfo(p.dtype).eps * math.sqrt(steps)
-                rounding += eps**2 * float(q.pow(2).sum())
+        ours = dict(_stepped(trial.named_tensors()))
+        for key, theirs in _stepped(reference):
+            mine, q = ours[key].detach(), theirs.detach().float()
+            off += float((mine.float() - q).pow(2).sum())
+            moved += float((q - start[key]).pow(2).sum())
+            if mine.dtype != torch.float32 and mine.is_floating_point():
+                rounding += steps / 4 * float(_ulp(q, mine.dtype).pow(2).sum())
         bound = min(4 * tol, 0.5) if update_rtol is None else update_rtol
         allowed = bound * math.sqrt(moved) + math.sqrt(rounding)
         if moved > 0 and not math.sqrt(off) <= allowed:
@@ -251,6 +258,19 @@ def check_matches_reference(
             )
 
     for_each_example(prop, batches, steps, settings, shrink)
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype``'s values at each element of ``x``."""
+    exponent = torch.frexp(x).exponent
+    return torch.ldexp(torch.full_like(x, torch.finfo(dtype).eps), exponent - 1)
+
+
+def _stepped(tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """The optimizers' parameters (fp32 masters where a pipeline keeps them) by position;
+    the model's parameters where the optimizer's cannot be named."""
+    out = [(k, t) for k, t in tensors.items() if k.startswith("optimizer[")]
+    return out or [(k, t) for k, t in tensors.items() if k.startswith("model.")]
 
 
 def check_never_nonfinite(
