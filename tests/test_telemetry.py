@@ -341,7 +341,7 @@ def test_a_bare_decorator_on_a_step_is_caught() -> None:
         ampfn.backward(model(batch).sum())
 
     args: tuple[Any, ...]
-    for args in [(torch.ones(2),), ((torch.ones(2), 1),), ()]:
+    for args in [(model,), (torch.ones(2),), ((torch.ones(2), 1),), ()]:
         with pytest.raises(TypeError, match=call_it):
             one_argument(*args)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="got 2 arguments"):
@@ -365,6 +365,15 @@ def test_a_module_whose_forward_calls_the_effects_is_a_step() -> None:
     records: list[ampfn.StepRecord] = []
     ampfn.with_telemetry(records)(Trainer())(torch.ones(3, 2))
     assert [r.stepped for r in records] == [(True,)]
+
+    def sink(record: ampfn.StepRecord) -> None:  # a plain function: the misuse's shape
+        records.append(record)
+
+    trainer = Trainer()
+    with pytest.raises(TypeError, match=r"wrap it in a function"):
+        ampfn.with_telemetry(sink)(trainer)
+    ampfn.with_telemetry(sink)(lambda batch: trainer(batch))(torch.ones(3, 2))
+    assert len(records) == 2
 
 
 class Sink:

@@ -9,6 +9,7 @@ finite. At the end of every ``every``-th call it hands one record to the sink.
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -164,25 +165,34 @@ class TelemetryTransform(Transform):
     Its sink may be any function, so ``@ampfn.with_telemetry`` put on a step without
     calling it takes the step as the sink, and binds the step's name to this transform.
     The first call of that name then hands it the step's arguments instead of a step: a
-    tensor, a batch, or several of them. None of those is a step, so they are refused
-    with the fix. A module is a callable like any step (its forward may call the effects)
-    and is wrapped, as by every transform.
+    tensor, a batch, a model, or several of them. Those are refused with the fix. A
+    module can be a step (its forward may call the effects), so it is refused only where
+    the sink is a plain function, the shape of that misuse; wrap such a module in a
+    function to use it as the step.
     """
 
-    __slots__ = ()
+    __slots__ = ("function_sink",)
+    function_sink: bool  # the sink is a plain function (set by with_telemetry)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        hint = ""
         if len(args) != 1 or kwargs:
             got = f"{len(args)} arguments" + (
                 f" and keywords {', '.join(kwargs)}" if kwargs else ""
             )
         elif not callable(args[0]):
             got = f"a {type(args[0]).__name__}"
+        elif isinstance(args[0], nn.Module) and self.function_sink:
+            got = f"a {type(args[0]).__name__} (a module)"
+            hint = (
+                " If the module is your step, wrap it in a function: "
+                "with_telemetry(sink)(lambda batch: module(batch))."
+            )
         else:
             return super().__call__(args[0])
         raise TypeError(
             f"with_telemetry(sink)(step): expected one step function, got {got}. Was "
-            f"@ampfn.with_telemetry put on a step without calling it? {_CALL_IT}"
+            f"@ampfn.with_telemetry put on a step without calling it? {_CALL_IT}.{hint}"
         )
 
 
@@ -254,7 +264,9 @@ def with_telemetry(
         raise ValueError(f"{api}: every must be an int >= 1, got {every!r}")
     names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
     observer = Telemetry(sink, names, every)
-    return TelemetryTransform(
+    transform = TelemetryTransform(
         "with_telemetry",
         fragment=Fragment("with_telemetry", observer=observer, end=observer.end),
     )
+    transform.function_sink = isinstance(sink, types.FunctionType)
+    return transform
