@@ -962,6 +962,20 @@ def test_with_apex_all_reduces_once_per_update_and_once_per_backward_of_its_own_
     calls.clear()
     _two_optimizer_step(apex(2), clip=False, losses=2)(torch.randn(8, 4))
     assert calls == [(), (), ()]  # Apex's scaler: one per backward, one per update
+    # whether a rank all-reduces must not depend on its data: a backward that gives
+    # this rank's parameters no gradient still takes part in the step's collective
+    calls.clear()
+    a, b = nn.Linear(4, 1), nn.Linear(4, 1)
+    oa, ob = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (a, b))
+    scaled = apex(2)(a, b, oa, ob)
+
+    @scaled
+    def no_gradients(x: torch.Tensor) -> None:
+        ampfn.backward((x * torch.ones(4, requires_grad=True)).sum())
+        ampfn.step(oa)
+
+    no_gradients(torch.randn(8, 4))
+    assert calls == [(), ()]
 
 
 def test_with_apex_auto_takes_the_native_path_when_ranks_must_agree(

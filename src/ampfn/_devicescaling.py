@@ -353,7 +353,10 @@ class ApexScaling(Scaling):
         self.overflow = torch.zeros(
             (), dtype=torch.float32, device=scales[0].scale.device
         )
-        # with several ranks: parameters given gradients since the ranks last agreed
+        # with several ranks: whether a backward ran since the ranks last agreed (the
+        # same on every rank, so every rank takes part in the collective), and the
+        # parameters it gave gradients (this rank's: the ones to check)
+        self.pending = False
         self.touched: dict[int, torch.Tensor] = {}
         self._stash: list[torch.Tensor | None] = []
 
@@ -399,6 +402,7 @@ class ApexScaling(Scaling):
         fresh = [p.grad for p in params if p.grad is not None]
         syncing = ls.dynamic and self.sync_ranks is not False and self.ranks()
         if syncing:
+            self.pending = True
             self.touched.update((id(p), p) for p in params if p.grad is not None)
         found = torch.zeros((), dtype=torch.float32, device=ls.scale.device)
         if fresh and ls.dynamic:
@@ -440,7 +444,7 @@ class ApexScaling(Scaling):
             refuse_closure(self.api, args, kwargs)
         self.check_step(optimizer)
         if self.dynamic:
-            if self.touched:
+            if self.pending:
                 self.agree()
             if bool(self.overflow):  # Apex reads its overflow flag on the host too
                 self.stepped_now(optimizer)
@@ -463,7 +467,7 @@ class ApexScaling(Scaling):
         from ampfn._distributed import all_reduce_max
 
         grads = [p.grad for p in self.touched.values() if p.grad is not None]
-        self.touched = {}
+        self.touched, self.pending = {}, False
         found = torch.zeros_like(self.overflow)
         if grads:  # GradScaler's kernel, times 1: a check that changes nothing
             unscale_grads(grads, torch.ones_like(self.overflow), found)
@@ -475,5 +479,5 @@ class ApexScaling(Scaling):
         if updated:
             self.overflow.zero_()
         if updated or failed:
-            self.touched = {}
+            self.touched, self.pending = {}, False
         self.end_call(failed, updated)
