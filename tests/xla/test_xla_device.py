@@ -260,7 +260,7 @@ def test_stochastic_rounding_runs_a_fixed_number_of_graphs_per_step() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     policy = ampfn.with_policy("bf16-true", model, opt, stochastic_rounding=True)
     step = policy(make(model, opt))
-    data = [to_xla(b) for b in problem(6)]
+    data = [to_xla(b) for b in problem(12)]
     torch_xla.sync()
     runs = []
     for b in data:
@@ -268,4 +268,7 @@ def test_stochastic_rounding_runs_a_fixed_number_of_graphs_per_step() -> None:
         step(b)
         torch_xla.sync()
         runs.append((met.metric_data("ExecuteTime") or (0,))[0] - before)
-    assert max(runs[2:]) <= 3, runs  # the two roundings' inputs, and the cut
+    # after the warm-up: the two roundings' inputs and the cut, about 3 a step (an
+    # execution is sometimes counted in the next step); per parameter it was 12-14
+    steady = runs[2:]
+    assert sum(steady) <= 3.5 * len(steady), runs
