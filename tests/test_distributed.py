@@ -166,6 +166,15 @@ def step_fn(
     return train_step
 
 
+def agreement(make: Any, transform: Any, local: list[Batch]) -> str:
+    """``check_ranks_agree`` over 4 steps: "agree", or what differed."""
+    try:
+        testing.check_ranks_agree(make, transform, local, steps=4)
+    except AssertionError as e:
+        return str(e)
+    return "agree"
+
+
 def gathered(value: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
@@ -262,20 +271,14 @@ def _ddp_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
             ampfn.with_grad_scaling(gs(), sync_ranks=sync_ranks),
             ampfn.with_autocast("fp16", "cpu"),
         )
-        try:
-            testing.check_ranks_agree(make_for(sync_ranks), t, local, steps=4)
-            res[f"check sync_ranks={sync_ranks}"] = "agree"
-        except AssertionError as e:
-            res[f"check sync_ranks={sync_ranks}"] = str(e)
+        res[f"check sync_ranks={sync_ranks}"] = agreement(
+            make_for(sync_ranks), t, local
+        )
     # the same for the sync-free mode and for with_apex
     sync_free = ampfn.compose(
         ampfn.with_grad_scaling(gs(), sync=False), ampfn.with_autocast("fp16", "cpu")
     )
-    try:
-        testing.check_ranks_agree(make_for(None), sync_free, local, steps=4)
-        res["check sync-free"] = "agree"
-    except AssertionError as e:
-        res["check sync-free"] = str(e)
+    res["check sync-free"] = agreement(make_for(None), sync_free, local)
 
     def make_apex(
         level: str, losses: int = 1, **kw: Any
@@ -311,11 +314,7 @@ def _ddp_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
             "O2", master_weights=False, sync_ranks=True
         ),
     }.items():
-        try:
-            testing.check_ranks_agree(make_it, ampfn.compose(), local, steps=4)
-            res[f"check {name}"] = "agree"
-        except AssertionError as e:
-            res[f"check {name}"] = str(e)
+        res[f"check {name}"] = agreement(make_it, ampfn.compose(), local)
     return res
 
 
@@ -414,11 +413,7 @@ def _fsdp2_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
         "sync-free": lambda: ampfn.with_grad_scaling(gs(), sync=False),
         "no sync_ranks": lambda: ampfn.with_grad_scaling(gs(), sync_ranks=False),
     }.items():
-        try:
-            testing.check_ranks_agree(make, t(), local, steps=4)
-            res[f"check {name}"] = "agree"
-        except AssertionError as e:
-            res[f"check {name}"] = str(e)
+        res[f"check {name}"] = agreement(make, t(), local)
 
     # the same runs by hand: the poisoned step reports a skip on every rank, and no
     # parameter moves there
@@ -443,13 +438,7 @@ def _fsdp2_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
 
     # no loss scaling at all, bf16: the inf becomes NaN parameters, the same on every
     # rank (identical NaNs agree)
-    try:
-        testing.check_ranks_agree(
-            make, ampfn.with_autocast("bf16", "cpu"), local, steps=4
-        )
-        res["check no scaling"] = "agree"
-    except AssertionError as e:
-        res["check no scaling"] = str(e)
+    res["check no scaling"] = agreement(make, ampfn.with_autocast("bf16", "cpu"), local)
 
     # fp16 parameters sharded: GradScaler cannot unscale them, and says what to do
     half = mlp(0).half()
@@ -732,11 +721,7 @@ def _fsdp1_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
             gs()
         ),  # ampfn's all-reduce makes it agree
     }.items():
-        try:
-            testing.check_ranks_agree(make, t(), local, steps=4)
-            res[name] = "agree"
-        except AssertionError as e:
-            res[name] = str(e)
+        res[name] = agreement(make, t(), local)
     return res
 
 
@@ -795,11 +780,7 @@ def _cuda_scenarios(rank: int, world: int, out: Path) -> dict[str, Any]:
             ampfn.with_grad_scaling(sync=False), ampfn.with_autocast("fp16", "cuda")
         ),
     }.items():
-        try:
-            testing.check_ranks_agree(make, t(), local, steps=4)
-            res[name] = "agree"
-        except AssertionError as e:
-            res[name] = str(e)
+        res[name] = agreement(make, t(), local)
     return res
 
 

@@ -867,22 +867,9 @@ def test_unscaling_without_stepping_then_clearing_needs_a_grad_scaler() -> None:
 
 
 def every_scaler() -> list[Any]:
+    """The scaling transforms, and Apex O3's dynamic scale."""
     return [
-        pytest.param(lambda m, o: ampfn.with_grad_scaling(scaler("cpu")), id="sync"),
-        pytest.param(
-            lambda m, o: ampfn.with_grad_scaling(scaler("cpu"), sync=False),
-            id="sync-free",
-        ),
-        pytest.param(
-            lambda m, o: ampfn.with_apex("O1", m, o, backend="native"), id="apex-O1"
-        ),
-        pytest.param(
-            lambda m, o: ampfn.with_apex("O2", m, o, backend="native"), id="apex-O2"
-        ),
-        pytest.param(
-            lambda m, o: ampfn.with_apex("O1", m, o, backend="native", num_losses=2),
-            id="apex-O1-num_losses=2",
-        ),
+        *scaling_transforms(),
         pytest.param(
             lambda m, o: ampfn.with_apex(
                 "O3", m, o, backend="native", loss_scale="dynamic"
