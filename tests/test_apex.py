@@ -711,26 +711,13 @@ def test_a_closure_is_refused_before_anything_changes(
 
 def test_o1_gradient_penalty_matches_the_hand_written_grad_scaler_recipe() -> None:
     """PyTorch's AMP gradient-penalty recipe with Apex's scaler settings, bit for bit."""
+    from test_scaling import penalty_by_hand
+
     data = batches(6)
     ref = mlp()
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
     s = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2000)
-    ref_scales = []
-    for x, y in data:
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = F.cross_entropy(ref(x).float(), y)
-        scaled = torch.autograd.grad(
-            s.scale(loss), list(ref.parameters()), create_graph=True
-        )
-        inv = 1.0 / s.get_scale()
-        grads = [g * inv for g in scaled]
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = loss + torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
-        s.scale(loss).backward()
-        s.step(ref_opt)
-        s.update()
-        ref_opt.zero_grad()
-        ref_scales.append(s.get_scale())
+    ref_scales = penalty_by_hand(ref, ref_opt, s, data)
 
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

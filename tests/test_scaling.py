@@ -713,28 +713,38 @@ def test_unscale_then_zeroing_in_place_names_the_case_and_its_fixes() -> None:
 # --------------------------------------------------------------------------- gradient penalty, step arguments
 
 
+def penalty_by_hand(
+    model: torch.nn.Module, opt: Any, s: torch.amp.GradScaler, data: list[Batch]
+) -> list[float]:
+    """PyTorch's AMP example "Gradient penalty", hand-written with GradScaler; the scale
+    after each step."""
+    scales = []
+    for x, y in data:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x).float(), y)
+        scaled_grads = torch.autograd.grad(
+            s.scale(loss), list(model.parameters()), create_graph=True
+        )
+        inv_scale = 1.0 / s.get_scale()
+        grads = [p * inv_scale for p in scaled_grads]
+        with torch.autocast("cpu", dtype=torch.float16):
+            penalty = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
+            loss = loss + penalty
+        s.scale(loss).backward()
+        s.step(opt)
+        s.update()
+        opt.zero_grad()
+        scales.append(s.get_scale())
+    return scales
+
+
 def test_gradient_penalty_matches_pytorchs_amp_recipe() -> None:
-    """PyTorch's AMP example "Gradient penalty", hand-written with GradScaler."""
     m1, m2 = mlp(), mlp()
     o1 = torch.optim.SGD(m1.parameters(), lr=0.05)
     o2 = torch.optim.SGD(m2.parameters(), lr=0.05)
     s1, s2 = scaler("cpu"), scaler("cpu")
     data = batches(ITERS)
-    for x, y in data:
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = F.cross_entropy(m1(x).float(), y)
-        scaled_grads = torch.autograd.grad(
-            s1.scale(loss), list(m1.parameters()), create_graph=True
-        )
-        inv_scale = 1.0 / s1.get_scale()
-        grads = [p * inv_scale for p in scaled_grads]
-        with torch.autocast("cpu", dtype=torch.float16):
-            penalty = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
-            loss = loss + penalty
-        s1.scale(loss).backward()
-        s1.step(o1)
-        s1.update()
-        o1.zero_grad()
+    penalty_by_hand(m1, o1, s1, data)
 
     @ampfn.compose(ampfn.with_grad_scaling(s2), ampfn.with_autocast("fp16", "cpu"))
     def train_step(b: Batch) -> bool:
