@@ -315,6 +315,8 @@ def test_bad_arguments() -> None:
         ampfn.with_telemetry([], model="m")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="object lacks add_scalar, add_text"):
         telemetry.to_tensorboard(object())
+    with pytest.raises(TypeError, match=r"level must be a logging level .*, got str"):
+        telemetry.to_logging(level="INFO")  # type: ignore[arg-type]
     with pytest.raises(
         TypeError,
         match=r"compose\(\*transforms\): the transform at position 0 is the factory with_telemetry",

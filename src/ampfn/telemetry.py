@@ -32,6 +32,11 @@ def to_logging(
         raise TypeError(
             f"to_logging(logger, level): logger must be a logging.Logger, got {type(logger).__name__}"
         )
+    if isinstance(level, bool) or not isinstance(level, int):
+        raise TypeError(
+            f"to_logging(logger, level): level must be a logging level (an int such as "
+            f"logging.INFO), got {type(level).__name__}"
+        )
     log = logger if logger is not None else logging.getLogger("ampfn")
 
     def sink(record: StepRecord) -> None:
