@@ -424,3 +424,23 @@ def test_property_checks_on_every_policy(pipeline: Any) -> None:
     testing.check_state_roundtrip(make, pipeline, data)
     if pipeline.skips_nonfinite:
         testing.check_skips_nonfinite(make, pipeline, data)
+
+
+def test_policy_casts_as_jmps_does() -> None:
+    """jmp's Policy methods: cast floating values (nested too), leave the rest alone."""
+    p = ampfn.get_policy("bf16-mixed")
+    x = {"a": torch.ones(2), "ids": torch.arange(3), "pair": (torch.ones(1), 7)}
+    c = p.cast_to_compute(x)
+    assert c["a"].dtype == torch.bfloat16
+    assert c["pair"][0].dtype == torch.bfloat16
+    assert c["ids"].dtype == torch.int64
+    assert c["pair"][1] == 7
+    assert p.cast_to_param(c)["a"].dtype == torch.float32
+    assert p.cast_to_output(c)["a"].dtype == torch.float32
+    half_out = p.with_output_dtype(torch.bfloat16)
+    assert half_out == ampfn.Policy(F32, BF16, BF16)
+    assert p.output_dtype == F32  # frozen: a new policy
+    with pytest.raises(
+        ValueError, match=r"output_dtype must be a floating torch\.dtype"
+    ):
+        p.with_output_dtype(torch.int8)
