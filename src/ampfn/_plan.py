@@ -435,9 +435,8 @@ def build(
     ends = tuple(
         f.end for f in reversed(fragments) if f.end is not None
     )  # innermost first
-    dev, dtype, ac_kwargs = (
-        autocast if autocast is not None else ("", torch.float32, {})  # (unused)
-    )
+    # without autocast these are never read (pipeline_step checks autocast first)
+    dev, dtype, ac_kwargs = autocast or ("", torch.float32, {})
     cache = ac_kwargs.get("cache_enabled")
 
     def pipeline_step(*args: Any, **kwargs: Any) -> Any:
