@@ -32,7 +32,7 @@ from harness import Comparison, Stat, compare, graph_breaks, interleave
 from torch import nn
 
 import ampfn
-from ampfn._scaling import guard_suspended
+from ampfn._guard import guard_suspended
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Loop = Callable[[Batch], Any]

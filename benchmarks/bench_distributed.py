@@ -28,7 +28,7 @@ from bench import SIZES, batches, mlp
 from harness import compare, interleave
 
 import ampfn
-from ampfn._scaling import guard_suspended
+from ampfn._guard import guard_suspended
 
 
 def worker(rank: int, port: int, args: argparse.Namespace) -> None:

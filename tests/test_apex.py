@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Any
 
 import pytest
@@ -13,8 +14,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ampfn
-from ampfn._devicescaling import ApexScaling, LossScale
-from ampfn._scaling import GradScalerScaling, scaling_transform
+from ampfn._scaling import ApexScaler, GradScalerScaler, LossScale
+from ampfn._transform import Transform
+from ampfn._types import Fragment
 from helpers import Batch, batches, make_step, max_param_error, mlp, params_equal, twin
 
 
@@ -278,7 +280,7 @@ def test_law_dynamic_scale_follows_apex(
     if (
         law == "GradScaler + bounds"
     ):  # one loss: with_apex's GradScaler with Apex's bounds
-        state: Any = GradScalerScaling(
+        state: Any = GradScalerScaler(
             "with_apex",
             torch.amp.GradScaler("cpu", init_scale=init, growth_interval=window),
             bounds=(lo, hi),
@@ -287,9 +289,9 @@ def test_law_dynamic_scale_follows_apex(
         scale = LossScale(
             init, dynamic=True, lo=lo, hi=hi, window=window, device=torch.device("cpu")
         )
-        state = ApexScaling("with_apex", [scale], (opt,), sync_ranks=False)
+        state = ApexScaler("with_apex", [scale], (opt,), sync_ranks=False)
 
-    @scaling_transform("with_apex", state)
+    @Transform("with_apex", fragment=Fragment("with_apex", scaling=state), state=state)
     def train_step(overflow: bool) -> None:
         # the overflow happens in the backward, where Apex's scaler looks for it
         ampfn.backward(w.sum() * (float("inf") if overflow else 1.0))
@@ -356,7 +358,37 @@ def test_lower_case_level_is_accepted() -> None:
             ValueError,
             "loss_scale must be 'dynamic' or a positive number",
         ),
-        ({"level": "O1", "loss_scale": -1.0}, ValueError, "loss_scale must be"),
+        (
+            {"level": "O1", "loss_scale": -1.0},
+            ValueError,
+            r"loss_scale \(or 'dynamic'\) must be",
+        ),
+        # settings under which no scale can work: refused when the transform is built
+        (
+            {"level": "O2", "loss_scale": math.inf},
+            ValueError,
+            "a finite positive number, got inf",
+        ),
+        (
+            {"level": "O2", "loss_scale": math.nan},
+            ValueError,
+            "a finite positive number, got nan",
+        ),
+        (
+            {"level": "O1", "max_loss_scale": 0},
+            ValueError,
+            "max_loss_scale must be a finite positive",
+        ),
+        (
+            {"level": "O1", "max_loss_scale": math.inf},
+            ValueError,
+            "max_loss_scale must be a finite",
+        ),
+        (
+            {"level": "O1", "min_loss_scale": math.nan},
+            ValueError,
+            "min_loss_scale must be a finite",
+        ),
         (
             {"level": "O1", "min_loss_scale": 8.0, "max_loss_scale": 4.0},
             ValueError,

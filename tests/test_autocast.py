@@ -267,7 +267,7 @@ def test_default_device_type() -> None:
         (torch.int8, ValueError, "got torch.int8"),
         (torch.float64, ValueError, "got torch.float64"),
         (torch.float32, ValueError, "got torch.float32"),
-        ("half", ValueError, "got 'half'"),
+        ("float32", ValueError, "got 'float32'"),
         ("", ValueError, "got ''"),
         (16, TypeError, "got int 16"),
         (None, TypeError, "got NoneType"),
@@ -282,6 +282,23 @@ def test_bad_dtype_fails_at_construction(
     ) as e:
         ampfn.with_autocast(dtype, "cpu")
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["float16", "f16", "fp16", "half", "16-mixed"])
+def test_every_dtype_name_get_policy_takes_is_taken(name: str) -> None:
+    """with_autocast takes the names of ampfn's one dtype table, as get_policy does
+    ("half" was refused here and accepted there)."""
+    assert (
+        ampfn.get_policy(name if name != "16-mixed" else "16-mixed").compute_dtype
+        == torch.float16
+    )
+    t = ampfn.with_autocast(name, "cpu")
+    assert (
+        t(
+            lambda: torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
+        )()
+        == torch.float16
+    )
 
 
 def test_bad_device_type_fails_at_construction() -> None:

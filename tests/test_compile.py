@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ampfn
-from ampfn._scaling import guard_suspended
+from ampfn._guard import guard_suspended
 from helpers import Batch, batches, mlp, params_equal
 
 Step = Callable[[Batch], Any]

@@ -663,7 +663,7 @@ def test_fsdp2_fp16_shards_are_a_clear_error(
             assert message.startswith(
                 "with_grad_scaling(sync=False): the FSDP-sharded gradients are fp16"
             ), message
-            assert "needs fp32 gradients" in message
+            assert "GradScaler refuses to unscale fp16 gradients" in message
             assert "fsdp_mixed_precision('16-mixed')" in message
             assert "sync=True with a ShardedGradScaler" in message
 

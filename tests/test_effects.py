@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import ampfn
-from ampfn._effects import active
+from ampfn._runtime import current_call as active
 from helpers import batches, make_step, mlp, params_equal
 
 

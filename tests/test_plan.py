@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import ampfn
-from ampfn._effects import EFFECTS
 from ampfn._plan import Plan
+from ampfn._types import EFFECTS
 from helpers import Batch, batches, mlp
 
 
@@ -95,11 +95,14 @@ def python_calls(fn: Callable[[], Any]) -> int:
         if event == "call":
             calls += 1
 
+    gc.collect()  # no collection (and its weakref callbacks) inside the measured call
+    gc.disable()
     sys.setprofile(profile)
     try:
         fn()
     finally:
         sys.setprofile(None)
+        gc.enable()
     return calls
 
 

@@ -275,23 +275,35 @@ def test_exception_after_unscale_leaves_a_clean_scaler() -> None:
     assert s.state_dict()["_growth_tracker"] == 1
 
 
-def test_exception_after_step_completes_the_update() -> None:
+def test_an_exception_after_the_step_leaves_the_scaler_as_before_the_call() -> None:
+    """A call that raises commits nothing: the scale and its growth tracker stay as they
+    were (the optimizer's step itself happened), and the next correct call updates the
+    scaler exactly as the first call of a fresh pipeline would."""
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    s = scaler("cpu")
+    s, fresh = scaler("cpu"), scaler("cpu")
+    fail = {"now": True}
 
     @ampfn.with_grad_scaling(s)
     def train_step(b: Batch) -> None:
         ampfn.backward(model(b[0]).sum())
         ampfn.step(opt)
         opt.zero_grad()
-        raise ValueError("after the step")
+        if fail["now"]:
+            raise ValueError("after the step")
 
     for b in batches(2):
         with pytest.raises(ValueError, match="after the step"):
             train_step(b)
-    assert s.state_dict()["_growth_tracker"] == 0  # grew after 2 clean updates
-    assert s.get_scale() == 2.0**11
+    assert s.state_dict() == fresh.state_dict()
+    fail["now"] = False
+    train_step(batches(1)[0])
+    reference = mlp()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    fresh.scale(reference(batches(1)[0][0]).sum()).backward()
+    fresh.step(ref_opt)
+    fresh.update()
+    assert s.state_dict() == fresh.state_dict()
 
 
 def test_state_dict_round_trip_continues_bit_for_bit() -> None:
@@ -395,8 +407,9 @@ def test_stepping_an_optimizer_twice_in_one_call_is_an_error_that_leaves_the_sca
     twice["now"] = False
     opt.zero_grad()
     assert train_step(batches(1)[0]) is True
-    assert s.state_dict()["_growth_tracker"] == 0  # two updates: 1 of 2, then growth
-    assert s.get_scale() == 2.0**11
+    # the failed call committed nothing: one update, 1 of 2 toward growth
+    assert s.state_dict()["_growth_tracker"] == 1
+    assert s.get_scale() == 2.0**10
 
 
 def test_a_failing_step_keeps_its_own_exception() -> None:

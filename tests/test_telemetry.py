@@ -42,8 +42,10 @@ def run(
             float("inf") if overflow else 1.0
         )
         ampfn.backward(loss)
-        if clip:
-            ampfn.clip_grad_norm_(model.parameters(), 1e9, opts[0])
+        if clip:  # each optimizer's own parameters, with it (they are unscaled by it)
+            for o in opts:
+                params = [p for g in o.param_groups for p in g["params"]]
+                ampfn.clip_grad_norm_(params, 1e9, o)
         for o in opts:
             ampfn.step(o)
             o.zero_grad(set_to_none=True)

@@ -17,8 +17,8 @@ from torch import nn
 
 import ampfn
 from ampfn import testing
-from ampfn._core import Transform
-from ampfn._effects import Handler
+from ampfn._transform import Transform
+from ampfn._types import Handler
 
 PIPELINES = testing.available_pipelines("cpu")
 SKIPPING = testing.available_pipelines("cpu", skipping=True)
@@ -252,6 +252,9 @@ class _Forgetful:
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.state.state_dict())
+
+    def check_state(self, state: object, /) -> None:
+        self.state.check_state(state)
 
     def load_state_dict(self, state: dict[str, Any], /) -> None:
         pass

@@ -1,132 +1,34 @@
-"""``with_apex``: NVIDIA Apex AMP's opt levels O0-O3, native or through ``apex.amp``."""
+"""Layer 5, transform: ``with_apex``, NVIDIA Apex AMP's opt levels O0-O3, native or through
+``apex.amp`` (``ampfn._apex_backend``)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
-from ampfn._autocast import check_autocast, default_device_type
-from ampfn._core import Parts, Stateful, Transform, factory, precision_tags
-from ampfn._devicescaling import ApexScaling, LossScale
-from ampfn._effects import is_optimizer
-from ampfn._masters import MasterWeights
-from ampfn._modules import (
+from ampfn import _distributed as distributed
+from ampfn._apex_backend import apex_amp, apex_transform
+from ampfn._apex_levels import API as _API
+from ampfn._apex_levels import ApexLevel, check_scale_bounds, resolve_level
+from ampfn._args import is_optimizer
+from ampfn._autocast_region import check_autocast
+from ampfn._casting import (
     affine_batchnorm,
     cast_module,
     castable_parameters,
     fp32_checkpoints,
     patch_forward,
 )
-from ampfn._plan import Fragment
-from ampfn._scaling import GradScalerScaling, resolve_sync_ranks
+from ampfn._grad_scaling import resolve_sync_ranks
+from ampfn._masters import MasterWeights
+from ampfn._runtime import default_device_type
+from ampfn._scaling import ApexScaler, GradScalerScaler, LossScale, ScalerBase
+from ampfn._transform import Parts, Transform, factory, precision_tags
+from ampfn._types import Autocast, Fragment, Stateful
 
-LEVELS = ("O0", "O1", "O2", "O3")
 _BACKENDS = ("auto", "native", "apex")
-_API = "with_apex(level)"
-
-
-@dataclasses.dataclass(frozen=True)
-class ApexLevel:
-    """The properties of an opt level, after overrides (as ``apex/amp/frontend.py``)."""
-
-    level: str
-    cast_model_type: torch.dtype | None
-    autocast: bool  # Apex's patch_torch_functions
-    keep_batchnorm_fp32: bool | None
-    master_weights: bool | None
-    loss_scale: float | str
-
-
-_DEFAULTS = {
-    "O0": ApexLevel("O0", torch.float32, False, None, False, 1.0),
-    "O1": ApexLevel("O1", None, True, None, None, "dynamic"),
-    "O2": ApexLevel("O2", torch.float16, False, True, True, "dynamic"),
-    "O3": ApexLevel("O3", torch.float16, False, False, False, 1.0),
-}
-
-
-def resolve_level(
-    level: object,
-    loss_scale: object,
-    keep_batchnorm_fp32: object,
-    master_weights: object,
-) -> ApexLevel:
-    """Validate ``level`` and the overrides, and apply them, with Apex's consistency rules."""
-    if not isinstance(level, str):
-        raise TypeError(
-            f"{_API}: level must be one of {', '.join(LEVELS)}, got {type(level).__name__} {level!r}"
-        )
-    props = (
-        _DEFAULTS.get(level.upper())
-        if level in (*LEVELS, *(x.lower() for x in LEVELS))
-        else None
-    )
-    if props is None:
-        raise ValueError(
-            f"{_API}: level must be one of {', '.join(LEVELS)}, got {level!r}"
-        )
-    if keep_batchnorm_fp32 is not None:
-        if not isinstance(keep_batchnorm_fp32, bool):
-            raise TypeError(
-                f"{_API}: keep_batchnorm_fp32 must be a bool or None, got {keep_batchnorm_fp32!r}"
-            )
-        if props.level == "O1":
-            raise ValueError(
-                f"{_API}: with O1 batch norm already runs in fp32 under autocast, so keep_batchnorm_fp32 "
-                "must be None (as in Apex)"
-            )
-        props = dataclasses.replace(props, keep_batchnorm_fp32=keep_batchnorm_fp32)
-    if master_weights is not None:
-        if not isinstance(master_weights, bool):
-            raise TypeError(
-                f"{_API}: master_weights must be a bool or None, got {master_weights!r}"
-            )
-        if props.level == "O1":
-            raise ValueError(
-                f"{_API}: master_weights makes no sense with O1, whose model weights stay fp32 (as in Apex); "
-                "use O2 for fp16 weights with fp32 masters"
-            )
-        props = dataclasses.replace(props, master_weights=master_weights)
-    if loss_scale is not None:
-        if loss_scale != "dynamic" and (
-            isinstance(loss_scale, bool)
-            or not isinstance(loss_scale, (int, float))
-            or not loss_scale > 0
-        ):
-            raise ValueError(
-                f"{_API}: loss_scale must be 'dynamic' or a positive number, got {loss_scale!r}"
-            )
-        props = dataclasses.replace(
-            props,
-            loss_scale=loss_scale if loss_scale == "dynamic" else float(loss_scale),
-        )
-    return props
-
-
-def _check_scale_bounds(
-    min_loss_scale: object, max_loss_scale: object
-) -> tuple[float | None, float]:
-    def number(name: str, value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(
-                f"{_API}: {name} must be a non-negative number, got {value!r}"
-            )
-        return float(value)
-
-    if max_loss_scale is None:
-        raise ValueError(
-            f"{_API}: max_loss_scale must be a number (Apex's default is 2.0**24)"
-        )
-    hi = number("max_loss_scale", max_loss_scale)
-    lo = None if min_loss_scale is None else number("min_loss_scale", min_loss_scale)
-    if lo is not None and lo > hi:
-        raise ValueError(
-            f"{_API}: min_loss_scale ({lo}) is above max_loss_scale ({hi})"
-        )
-    return lo, hi
 
 
 def _as_list(obj: Any) -> list[Any]:
@@ -195,7 +97,7 @@ def _scaling(
     bounds: tuple[float | None, float],
     num_losses: int,
     sync_ranks: bool | None,
-) -> Any:
+) -> ScalerBase | None:
     """Apex's loss scaling for this level: a GradScaler with Apex's settings and bounds
     where one does (one loss, fp32 gradients), Apex's own per-loss scaler elsewhere."""
     lo, hi = bounds
@@ -207,12 +109,13 @@ def _scaling(
         scaler = torch.amp.GradScaler(
             device_type, init_scale=min(2.0**16, hi), growth_interval=2000
         )
-        return GradScalerScaling(
+        return GradScalerScaler(
             "with_apex",
             scaler,
             together=tuple(optimizers),
             bounds=(lo, hi),
             sync_ranks=sync_ranks,
+            allow_fp16=True,
         )
     if not optimizers:
         raise ValueError(
@@ -227,7 +130,7 @@ def _scaling(
         LossScale(init, dynamic=dynamic, lo=lo, hi=hi, window=2000, device=device)
         for _ in range(num_losses)
     ]
-    return ApexScaling("with_apex", scales, tuple(optimizers), sync_ranks=sync_ranks)
+    return ApexScaler("with_apex", scales, tuple(optimizers), sync_ranks=sync_ranks)
 
 
 def _native(
@@ -245,7 +148,7 @@ def _native(
     masters = None
     if props.master_weights and half:
         to_master = [p for m in models for p in castable_parameters(m, keep=keep_bn)]
-        masters = MasterWeights(to_master, optimizers)
+        masters = MasterWeights("with_apex", to_master, optimizers)
         parts["master_weights"] = masters
     if half:
         for m in models:
@@ -258,11 +161,10 @@ def _native(
         parts["loss_scaler"] = scaling
     fragment = Fragment(
         "with_apex",
-        autocast=(device_type, torch.float16, {}) if props.autocast else None,
+        autocast=Autocast(device_type, torch.float16) if props.autocast else None,
         autocast_off=device_type if props.autocast else None,
         scaling=scaling,
         masters=masters,
-        end=scaling.finish if scaling is not None else None,
         unit_scale=scaling is None,
     )
     return Transform(
@@ -279,9 +181,7 @@ def _native(
 def _ranks_must_agree(backend: str, sync_ranks: bool | None) -> bool:
     """Whether 'auto' must be native: ranks agree on skips only through ampfn's code."""
     if sync_ranks is None and backend == "auto":
-        from ampfn._distributed import world_size
-
-        return world_size() > 1
+        return distributed.world_size() > 1
     return bool(sync_ranks)
 
 
@@ -381,13 +281,11 @@ def with_apex(
             f"{_API}: sync_ranks=True needs backend='native' (apex.amp decides each "
             "rank's skips alone); pass backend='native', or leave sync_ranks out"
         )
-    bounds = _check_scale_bounds(min_loss_scale, max_loss_scale)
+    bounds = check_scale_bounds(min_loss_scale, max_loss_scale)
     models, optimizers, device_type = _check_models(model, optimizer, props, num_losses)
     sync_ranks = resolve_sync_ranks(sync_ranks, _API)
     if props.autocast:
         check_autocast(device_type, torch.float16, _API)
-    from ampfn._apex_backend import apex_amp, apex_transform
-
     amp = apex_amp("native" if _ranks_must_agree(backend, sync_ranks) else backend)
     if amp is not None:
         return apex_transform(

@@ -1,4 +1,4 @@
-"""The real ``apex.amp`` behind ``with_apex(backend="apex")``.
+"""Layer 5, transform: the real ``apex.amp`` behind ``with_apex(backend="apex")``.
 
 Exercised only where NVIDIA Apex is installed (CUDA machines): the test that compares
 it with the native levels skips elsewhere.
@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ampfn._core import Transform, precision_tags
-from ampfn._effects import Handler, Params
-from ampfn._scaling import refuse_closure
+from ampfn._scaling import check_scale, refuse_closure
+from ampfn._transform import Transform, precision_tags
+from ampfn._types import Handler, Params
 
 _HINT = (
     "NVIDIA Apex is not on PyPI (the 'apex' package there is an unrelated project): build it from "
@@ -84,6 +84,26 @@ class ApexAmp(Handler):
 
     def state_dict(self) -> dict[str, Any]:
         return {"amp": self.amp.state_dict()}
+
+    def check_state(self, state: object, /) -> None:
+        """``{"amp": apex.amp.state_dict()}``: one ``loss_scalerN`` entry per loss, each
+        with a loss scale Apex can use."""
+        saved = state.get("amp") if isinstance(state, dict) else None
+        if not isinstance(saved, dict):
+            raise TypeError(
+                f"expected {{'amp': apex.amp.state_dict()}}, got {state!r}"[:200]
+            )
+        expected = len(self.amp.state_dict())
+        if len(saved) != expected:
+            raise ValueError(
+                f"{len(saved)} saved loss scalers, apex.amp has {expected}"
+            )
+        for name, entry in saved.items():
+            if not isinstance(entry, dict) or "loss_scale" not in entry:
+                raise TypeError(
+                    f"{name}: expected {{'loss_scale': ..., 'unskipped': ...}}"
+                )
+            check_scale(entry["loss_scale"], "apex.amp", f"{name}'s loss_scale")
 
     def load_state_dict(self, state: dict[str, Any], /) -> None:
         self.amp.load_state_dict(state["amp"])

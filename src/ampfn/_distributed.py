@@ -1,6 +1,5 @@
-"""torch.distributed: how many ranks run, the one collective loss scaling needs, FSDP2's
-mixed-precision policy for ampfn's precision names, and what a scaler must handle when
-gradients are FSDP-sharded.
+"""Layer 4, building block: torch.distributed: how many ranks run, the one collective loss
+scaling needs, and what a scaler must handle when gradients are FSDP-sharded.
 
 Skips agree across ranks by construction: the scaling transforms all-reduce (MAX) the
 ``found_inf`` flags on the device before deciding (see ``ampfn._scaling``).
@@ -27,8 +26,6 @@ from typing import Any
 
 import torch
 
-_NAMES = ("bf16-mixed", "16-mixed", "bf16-true", "32-true")
-
 
 def world_size() -> int:
     """The default process group's size, or 0 when torch.distributed is not initialized."""
@@ -38,84 +35,16 @@ def world_size() -> int:
     return dist.get_world_size()
 
 
+def is_sharded_scaler(scaler: object) -> bool:
+    """Whether ``scaler`` is FSDP's ``ShardedGradScaler`` (which unscales fp16 gradients);
+    its module is not imported here: a scaler can only be one once it is."""
+    module = sys.modules.get("torch.distributed.fsdp.sharded_grad_scaler")
+    return module is not None and isinstance(scaler, module.ShardedGradScaler)
+
+
 def all_reduce_max(found: torch.Tensor) -> None:
     """All-reduce ``found`` (MAX) in place over the default process group, on its device."""
     torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
-
-
-def fsdp_mixed_precision(policy: Any) -> Any:
-    """FSDP2's ``MixedPrecisionPolicy`` for an ampfn precision.
-
-    =============== ============== ============== ==============
-    policy          param_dtype    reduce_dtype   output_dtype
-    =============== ============== ============== ==============
-    "bf16-mixed"    bf16           fp32           fp32
-    "16-mixed"      fp16           fp32           fp32
-    "bf16-true"     bf16           bf16           fp32
-    "32-true"       fp32           fp32           (as computed)
-    a dtype ``d``   ``d``          fp32           (as computed)
-    ampfn.Policy    compute dtype  fp32 if mixed, its output dtype
-                                   else params
-    =============== ============== ============== ==============
-
-    A name means what :func:`get_policy` makes of it, so a name and its
-    ``ampfn.Policy`` give the same FSDP2 policy: outputs in fp32, as ampfn's policies
-    return them.
-
-    FSDP2 keeps the sharded parameters in their own dtype (fp32 for an fp32 model) and
-    casts them to ``param_dtype`` for the forward and backward, so autocast is optional
-    with it; gradients come back in the parameters' dtype. For fp16 compute keep loss
-    scaling: ``with_grad_scaling()`` (its default GradScaler handles FSDP2's sharded
-    gradients, and all ranks skip together).
-
-    Args:
-        policy: one of the names above, a ``torch.dtype``, or an ``ampfn.Policy``.
-
-    Returns:
-        ``torch.distributed.fsdp.MixedPrecisionPolicy``, to pass to
-        ``fully_shard(module, mp_policy=...)``.
-
-    Raises:
-        ValueError: an unknown name (the message lists the valid ones).
-        TypeError: neither a name, a dtype nor a policy.
-
-    Example:
-        >>> import ampfn
-        >>> mp = ampfn.fsdp_mixed_precision("bf16-mixed")
-        >>> mp.param_dtype, mp.reduce_dtype
-        (torch.bfloat16, torch.float32)
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    api = "fsdp_mixed_precision(policy)"
-    output = None
-    if isinstance(policy, str):
-        if policy not in _NAMES:
-            raise ValueError(
-                f"{api}: expected one of {', '.join(map(repr, _NAMES))}, a torch.dtype or an "
-                f"ampfn.Policy, got {policy!r}"
-            )
-        from ampfn._policy import get_policy
-
-        policy = get_policy(policy)
-    if isinstance(policy, torch.dtype):
-        if not policy.is_floating_point:
-            raise ValueError(f"{api}: expected a floating dtype, got {policy}")
-        param, reduce = policy, torch.float32
-    elif type(policy).__name__ == "Policy" and hasattr(policy, "compute_dtype"):
-        param = policy.compute_dtype
-        reduce = torch.float32 if policy.is_mixed else policy.param_dtype
-        output = (
-            policy.output_dtype if policy.output_dtype != policy.compute_dtype else None
-        )
-    else:
-        raise TypeError(
-            f"{api}: expected a precision name such as 'bf16-mixed', a torch.dtype or an "
-            f"ampfn.Policy, got {type(policy).__name__}"
-        )
-    return MixedPrecisionPolicy(
-        param_dtype=param, reduce_dtype=reduce, output_dtype=output
-    )
 
 
 def check_sharded_grads(
@@ -144,13 +73,11 @@ def check_sharded_grads(
             "same dtype, which GradScaler cannot unscale together; shard those parameters too "
             "(fully_shard the modules that own them), or give them their own optimizer"
         )
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
     if (
         not sync_free
         and any(g.dtype == torch.float16 for g in sharded)
         and isinstance(scaler, torch.amp.GradScaler)
-        and not isinstance(scaler, ShardedGradScaler)
+        and not is_sharded_scaler(scaler)
     ):
         raise ValueError(
             f"{api}: the FSDP-sharded gradients are fp16, which torch.amp.GradScaler refuses to "

@@ -1,147 +1,23 @@
-"""The effects, and the handlers that give them meaning.
+"""Layer 3, mechanism: the effects a step calls instead of torch.
 
-Inside a wrapped step the user calls the effects (:func:`backward`, :func:`grad`,
-:func:`step`, :func:`unscale_`, :func:`clip_grad_norm_`). While a pipeline's step runs,
-its :class:`~ampfn._plan.Plan` is the thread's active plan, and each effect calls the
-callable the plan resolved for it when the pipeline was built. With no plan active an
-effect is exactly the plain PyTorch call.
-
-The active plan lives on a plain ``threading.local`` instance: threads stay apart, and
-dynamo traces the attribute read (it does not trace a ``threading.local`` subclass).
+Inside a wrapped step the user calls :func:`backward`, :func:`grad`, :func:`step`,
+:func:`unscale_` and :func:`clip_grad_norm_`. While a pipeline's step runs, the call's
+plan (``local.call.plan``) is this thread's active plan, and each effect calls what that
+plan resolved for it when the pipeline was built (``ampfn._plan``). With no call active
+an effect is exactly the plain PyTorch call.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from ampfn._plan import Plan
-
-Params = Union[torch.Tensor, Iterable[torch.Tensor]]  # noqa: UP007 (a runtime alias)
-
-# The active plan of this thread, as `local.plan` (absent when none is active).
-local = threading.local()
-
-
-def active() -> Plan | None:
-    """The plan of the pipeline whose step runs on this thread, or None."""
-    return getattr(local, "plan", None)
-
-
-class Handler:
-    """Your own effect handler: subclass it and override the effects you need.
-
-    A handler method receives ``proceed``, the rest of the chain, and the effect's
-    arguments; it may act before and after calling ``proceed``, change the arguments,
-    or not call it at all. Handlers run from the outermost transform to the innermost,
-    like middleware, and around ampfn's own work: the last ``proceed`` runs the
-    pipeline's built-in effects (autocast off, loss scaling, master weights, ...) as one
-    fixed sequence. So a handler sees the loss before it is scaled and the result of a
-    step after a skip. Methods it does not override cost nothing. A handler's own code
-    runs in the step's context (under the forward's autocast, if any); only what it
-    proceeds to runs with autocast off.
-
-    Install one with :func:`ampfn.with_handler`.
-
-    Example:
-        >>> import torch, ampfn
-        >>> class CountSteps(ampfn.Handler):
-        ...     def __init__(self):
-        ...         self.steps = 0
-        ...     def step(self, proceed, optimizer, args, kwargs):
-        ...         stepped = proceed(optimizer, args, kwargs)
-        ...         self.steps += bool(stepped)
-        ...         return stepped
-        >>> counter = CountSteps()
-        >>> w = torch.nn.Parameter(torch.ones(1))
-        >>> opt = torch.optim.SGD([w], lr=0.1)
-        >>> @ampfn.with_handler(counter)
-        ... def train_step(x):
-        ...     ampfn.backward((w * x).sum())
-        ...     return ampfn.step(opt)
-        >>> train_step(torch.ones(1)), counter.steps
-        (True, 1)
-    """
-
-    def backward(
-        self, proceed: Callable[..., None], loss: torch.Tensor, kwargs: dict[str, Any]
-    ) -> None:
-        proceed(loss, kwargs)
-
-    def grad(
-        self,
-        proceed: Callable[..., tuple[torch.Tensor, ...]],
-        outputs: Any,
-        inputs: Any,
-        kwargs: dict[str, Any],
-    ) -> tuple[torch.Tensor, ...]:
-        return proceed(outputs, inputs, kwargs)
-
-    def step(
-        self,
-        proceed: Callable[..., Any],
-        optimizer: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        return proceed(optimizer, args, kwargs)
-
-    def unscale_(self, proceed: Callable[..., None], optimizer: Any) -> None:
-        proceed(optimizer)
-
-    def clip_grad_norm_(
-        self,
-        proceed: Callable[..., torch.Tensor],
-        parameters: Params,
-        max_norm: float,
-        optimizer: Any,
-        kwargs: dict[str, Any],
-    ) -> torch.Tensor:
-        return proceed(parameters, max_norm, optimizer, kwargs)
-
-
-EFFECTS = ("backward", "grad", "step", "unscale_", "clip_grad_norm_")
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def is_optimizer(obj: object) -> bool:
-    """A ``torch.optim.Optimizer``, or an optimizer-like wrapper (such as Apex's LARC):
-    an object with ``param_groups``, ``state`` and a callable ``step``."""
-    return isinstance(obj, torch.optim.Optimizer) or (
-        hasattr(obj, "param_groups")
-        and hasattr(obj, "state")
-        and callable(getattr(obj, "step", None))
-    )
-
-
-def check_optimizer(obj: object, api: str) -> None:
-    if not is_optimizer(obj):
-        raise TypeError(
-            f"{api}: expected a torch.optim.Optimizer (or an object with param_groups, state "
-            f"and step), got {type(obj).__name__} {obj!r}"[:300]
-        )
-
-
-def _check_loss(loss: object) -> None:
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(
-            f"ampfn.backward(loss): expected a torch.Tensor, got {type(loss).__name__}"
-        )
-
-
-def check_loss_id(loss_id: object, api: str = "ampfn.backward(loss, loss_id)") -> int:
-    if isinstance(loss_id, bool) or not isinstance(loss_id, int) or loss_id < 0:
-        raise ValueError(f"{api}: loss_id must be an int >= 0, got {loss_id!r}")
-    return loss_id
-
-
-# --------------------------------------------------------------------------- the effects
+from ampfn._args import check_loss_id, check_optimizer
+from ampfn._guard import torch_clip_grad_norm_
+from ampfn._runtime import local
+from ampfn._types import Optimizer, Params
 
 
 def backward(loss: torch.Tensor, **kwargs: Any) -> None:
@@ -167,21 +43,24 @@ def backward(loss: torch.Tensor, **kwargs: Any) -> None:
         >>> w.grad
         tensor([3., 3.])
     """
-    plan = getattr(local, "plan", None)
-    if plan is None:
-        _check_loss(loss)
+    call = getattr(local, "call", None)
+    if call is None:
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(
+                f"ampfn.backward(loss): expected a torch.Tensor, got {type(loss).__name__}"
+            )
         if kwargs and "loss_id" in kwargs:
             check_loss_id(kwargs.pop("loss_id"))
         loss.backward(**kwargs)  # type: ignore[no-untyped-call]
         return
-    plan.backward(loss, kwargs)
+    call.plan.backward(loss, kwargs)
 
 
 def grad(
     outputs: torch.Tensor | Sequence[torch.Tensor],
     inputs: torch.Tensor | Sequence[torch.Tensor],
     **kwargs: Any,
-) -> tuple[torch.Tensor, ...]:
+) -> tuple[torch.Tensor, ...]:  # as torch.autograd.grad's (None for an unused input)
     """``torch.autograd.grad`` through the active transforms: true gradients under scaling.
 
     Outside any transform this is exactly ``torch.autograd.grad(outputs, inputs,
@@ -204,15 +83,17 @@ def grad(
         >>> ampfn.grad((w * w).sum(), w)
         (tensor([2., 2.]),)
     """
-    plan = getattr(local, "plan", None)
-    if plan is None:
+    call = getattr(local, "call", None)
+    if call is None:
         if kwargs and "loss_id" in kwargs:
             check_loss_id(kwargs.pop("loss_id"), "ampfn.grad(outputs, inputs, loss_id)")
         return torch.autograd.grad(outputs, inputs, **kwargs)
-    return plan.grad(outputs, inputs, kwargs)  # type: ignore[no-any-return]
+    return call.plan.grad(outputs, inputs, kwargs)  # type: ignore[no-any-return]
 
 
-def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+def step(
+    optimizer: Optimizer, *args: Any, **kwargs: Any
+) -> Any:  # bool, or a bool tensor
     """Step ``optimizer`` through the active transforms.
 
     Outside any transform this is exactly ``optimizer.step(*args, **kwargs); True``.
@@ -243,14 +124,14 @@ def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         check_optimizer(optimizer, "ampfn.step(optimizer)")
-    plan = getattr(local, "plan", None)
-    if plan is None or plan.plain_step:
+    call = getattr(local, "call", None)
+    if call is None or call.plan.plain_step:
         optimizer.step(*args, **kwargs)
         return True
-    return plan.step(optimizer, args, kwargs)
+    return call.plan.step(optimizer, args, kwargs)
 
 
-def unscale_(optimizer: Any) -> None:
+def unscale_(optimizer: Optimizer) -> None:
     """Unscale ``optimizer``'s gradients in place (a no-op without loss scaling).
 
     Under ``with_grad_scaling`` this unscales once per optimizer per update: a second
@@ -267,15 +148,15 @@ def unscale_(optimizer: Any) -> None:
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         check_optimizer(optimizer, "ampfn.unscale_(optimizer)")
-    plan = getattr(local, "plan", None)
-    if plan is not None:
-        plan.unscale_(optimizer)
+    call = getattr(local, "call", None)
+    if call is not None:
+        call.plan.unscale_(optimizer)
 
 
 def clip_grad_norm_(
     parameters: Params,
     max_norm: float,
-    optimizer: Any,
+    optimizer: Optimizer,
     norm_type: float = 2.0,
     **kwargs: Any,
 ) -> torch.Tensor:
@@ -314,7 +195,10 @@ def clip_grad_norm_(
         )
     if norm_type != 2.0:
         kwargs["norm_type"] = norm_type
-    plan = getattr(local, "plan", None)
-    if plan is None:
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, **kwargs)
-    return plan.clip_grad_norm_(parameters, max_norm, optimizer, kwargs)  # type: ignore[no-any-return]
+    call = getattr(local, "call", None)
+    if call is None:
+        return torch_clip_grad_norm_(parameters, max_norm, **kwargs)
+    norm: torch.Tensor = call.plan.clip_grad_norm_(
+        parameters, max_norm, optimizer, kwargs
+    )
+    return norm

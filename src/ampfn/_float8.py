@@ -1,4 +1,4 @@
-"""``with_float8``: fp8 matmuls in training, through torchao's float8 conversion.
+"""Layer 5, transform: ``with_float8``, fp8 matmuls in training, through torchao's float8 conversion.
 
 torchao's ``convert_to_float8_training`` swaps a model's ``nn.Linear`` layers for
 ``Float8Linear``, whose forward and backward matmuls run in fp8 (e4m3 operands, e5m2
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ampfn._core import Transform, compute_tag, factory
-from ampfn._modules import is_fp32_island
-from ampfn._plan import Fragment
+from ampfn._islands import is_fp32_island
+from ampfn._transform import Transform, compute_tag, factory
+from ampfn._types import Fragment
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 _API = "with_float8(model, *, recipe, module_filter, emulate)"

@@ -1,4 +1,5 @@
-"""Precision policies: ``Policy``, ``get_policy`` and ``with_policy``.
+"""Layer 5, transforms: precision policies, ``Policy``, ``get_policy`` and FSDP2's
+``fsdp_mixed_precision`` (``with_policy`` is in ``ampfn._with_policy``).
 
 A policy says in which dtype parameters are kept, the forward computes, and outputs
 come back (jmp's three dtypes). It is *mixed* when parameters are fp32 and compute is a
@@ -10,52 +11,15 @@ strings.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
 import torch
-from torch import nn
 
-from ampfn._autocast import autocast_fragment, check_autocast, default_device_type
-from ampfn._core import (
-    Parts,
-    Stateful,
-    Transform,
-    compose,
-    factory,
-    precision_tags,
-)
-from ampfn._masters import MasterWeights
-from ampfn._modules import (
-    cast_floating,
-    cast_module,
-    castable_parameters,
-    compute_in_fp32,
-    is_norm,
-    patch_forward,
-)
-from ampfn._plan import Fragment
-from ampfn._rounding import StochasticRounding
-from ampfn._scaling import with_grad_scaling
+from ampfn._dtypes import DTYPES as _DTYPES
+from ampfn._dtypes import HALF as _HALF
+from ampfn._dtypes import dtype_name as _name
+from ampfn._tree import cast_floating
 
-_DTYPES = {
-    "float16": torch.float16,
-    "f16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "f32": torch.float32,
-    "fp32": torch.float32,
-    "full": torch.float32,
-    "single": torch.float32,
-    "float64": torch.float64,
-    "f64": torch.float64,
-    "fp64": torch.float64,
-    "double": torch.float64,
-}
-_HALF = (torch.float16, torch.bfloat16)
 _F16, _BF16, _F32, _F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 # Lightning's precision= names; outputs come back in fp32 as its plugins return them
 LIGHTNING = {
@@ -78,10 +42,8 @@ _FP8 = {
     ),
 }
 _KEYS = {"params": 0, "p": 0, "compute": 1, "c": 1, "output": 2, "o": 2}
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+# the names fsdp_mixed_precision takes
+_FSDP_NAMES = ("bf16-mixed", "16-mixed", "bf16-true", "32-true")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,212 +176,74 @@ def get_policy(spec: Any) -> Policy:
     return Policy(params, compute, found[2] or compute)
 
 
-# --------------------------------------------------------------------------- with_policy
+def fsdp_mixed_precision(policy: Any) -> Any:
+    """FSDP2's ``MixedPrecisionPolicy`` for an ampfn precision.
 
+    =============== ============== ============== ==============
+    policy          param_dtype    reduce_dtype   output_dtype
+    =============== ============== ============== ==============
+    "bf16-mixed"    bf16           fp32           fp32
+    "16-mixed"      fp16           fp32           fp32
+    "bf16-true"     bf16           bf16           fp32
+    "32-true"       fp32           fp32           (as computed)
+    a dtype ``d``   ``d``          fp32           (as computed)
+    ampfn.Policy    compute dtype  fp32 if mixed, its output dtype
+                                   else params
+    =============== ============== ============== ==============
 
-def _check_eps(optimizer: Any, policy: Policy, master_weights: bool) -> None:
-    """16-true with an Adam-family eps that fp16 rounds to zero divides by ~0 (NaNs)."""
-    if policy.param_dtype != torch.float16 or master_weights or optimizer is None:
-        return
-    tiny = torch.finfo(
-        torch.float16
-    ).tiny  # below it fp16 loses precision, then flushes
-    for group in optimizer.param_groups:
-        eps = group.get("eps")
-        if isinstance(eps, float) and 0 < eps < tiny:
-            warnings.warn(
-                f"with_policy('16-true'): {type(optimizer).__name__} has eps={eps:g}, below fp16's "
-                f"smallest normal number ({tiny:.1e}); in fp16 it rounds to {float(torch.tensor(eps).half()):g}, "
-                "and a near-zero second moment then gives inf or NaN updates. Use eps=1e-4 or more, "
-                "or master_weights=True (the optimizer then works in fp32)",
-                UserWarning,
-                stacklevel=4,  # the user's with_policy call (through ampfn's factory)
-            )
-            return
+    A name means what :func:`get_policy` makes of it, so a name and its
+    ``ampfn.Policy`` give the same FSDP2 policy: outputs in fp32, as ampfn's policies
+    return them.
 
-
-def _check_args(
-    policy: Policy,
-    model: Any,
-    optimizer: Any,
-    master_weights: object,
-    stochastic_rounding: object,
-    keep: object,
-) -> None:
-    api = "with_policy(policy, model, optimizer)"
-    for name, value in (
-        ("master_weights", master_weights),
-        ("stochastic_rounding", stochastic_rounding),
-    ):
-        if not isinstance(value, bool):
-            raise TypeError(f"{api}: {name} must be a bool, got {type(value).__name__}")
-    if keep is not None and not isinstance(keep, bool):
-        raise TypeError(
-            f"{api}: keep_norm_fp32 must be a bool or None, got {type(keep).__name__}"
-        )
-    if model is not None and not isinstance(model, nn.Module):
-        raise TypeError(
-            f"{api}: model must be an nn.Module, got {type(model).__name__}"
-        )
-    if master_weights and stochastic_rounding:
-        raise ValueError(
-            f"{api}: master_weights and stochastic_rounding both keep small updates; choose one "
-            "(masters cost an fp32 copy of the weights, rounding costs random bits per step)"
-        )
-    if stochastic_rounding and not (
-        policy.is_true and policy.param_dtype == torch.bfloat16
-    ):
-        raise ValueError(
-            f"{api}: stochastic_rounding rounds into bfloat16 weights, and {policy} keeps {policy.param_dtype}"
-        )
-    if (master_weights or stochastic_rounding) and not policy.is_true:
-        raise ValueError(
-            f"{api}: master_weights and stochastic_rounding are for true policies, whose weights "
-            f"are low precision; {policy} is mixed (its weights stay float32)"
-        )
-    if (master_weights or stochastic_rounding) and (optimizer is None or model is None):
-        raise ValueError(
-            f"{api}: master_weights and stochastic_rounding need the model and its optimizer"
-        )
-    if policy.is_true and policy.param_dtype != torch.float32 and model is None:
-        raise ValueError(
-            f"{api}: {policy} casts the model to {policy.param_dtype} once, so it needs it: "
-            "with_policy(policy, model, optimizer)"
-        )
-
-
-def _seed() -> int:
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
-def _mixed(policy: Policy, model: Any) -> Any:
-    first = next(model.parameters(), None) if model is not None else None
-    device = first.device.type if first is not None else default_device_type()
-    dtype = policy.compute_dtype
-    check_autocast(device, dtype, "with_policy(policy)")
-    autocast = Transform(
-        "with_policy",
-        fragment=autocast_fragment("with_policy", device, dtype, None),
-        tags=precision_tags(dtype),
-    )
-    if dtype == torch.float16:  # as with_apex O1: fp16 autocast needs loss scaling
-        return compose(with_grad_scaling(torch.amp.GradScaler(device)), autocast)
-    return autocast
-
-
-@factory()
-def with_policy(
-    policy: Any,
-    model: nn.Module | None = None,
-    optimizer: Any = None,
-    *,
-    master_weights: bool = False,
-    stochastic_rounding: bool = False,
-    keep_norm_fp32: bool | None = None,
-) -> Any:
-    """Train under a precision policy: Lightning's ``precision=`` values, jmp's strings.
-
-    **Mixed** policies ("bf16-mixed", "16-mixed") become :func:`with_autocast` in the
-    compute dtype on the model's device type; for fp16 they add
-    ``with_grad_scaling()``, as ``with_apex("O1")`` does. ``model`` is only used for
-    its device type.
-
-    **True** policies ("bf16-true", "16-true", "64-true") cast the model once, here:
-    parameters and buffers go to the param dtype (norm layers stay fp32 with
-    ``keep_norm_fp32``, computing in fp32 between half layers; ``fp32`` islands stay as
-    they are); ``model.forward`` casts floating inputs to the compute dtype and outputs
-    to the output dtype. You keep your own model and optimizer objects;
-    ``model.state_dict()`` stays in the param dtype, as you chose. "32-true" does
-    nothing. Compose with ``with_grad_scaling()`` for "16-true" (with master weights,
-    whose fp32 gradients GradScaler can unscale).
-
-    Low-precision weights lose small updates (any update below half an ulp of the
-    weight: bf16 has 8 bits of mantissa). Two remedies, for true policies:
-
-    - ``master_weights=True``: the optimizer holds fp32 masters (``with_apex`` O2's
-      mechanism): gradients accumulate in fp32, the step updates the masters, which are
-      copied into the model after each real step. Memory: an fp32 copy of the weights
-      (plus fp32 gradients during the step); the optimizer's state is fp32. Time: per
-      step, each gradient is copied into its fp32 master's gradient, and after a real step
-      each master is copied (cast) into its model weight: two elementwise passes over the
-      weights, on top of an optimizer step in fp32.
-    - ``stochastic_rounding=True`` (bf16 weights): the optimizer computes each step in
-      fp32 from the bf16 weights, and the result is rounded up or down at random so that
-      the expected weight is the fp32 one. No fp32 copy is kept: only a transient one
-      during the step; the optimizer's state is fp32. Time: random bits for every weight
-      per step. Reproducible under ``torch.manual_seed``; its generator is in
-      ``ampfn.state_dict``.
+    FSDP2 keeps the sharded parameters in their own dtype (fp32 for an fp32 model) and
+    casts them to ``param_dtype`` for the forward and backward, so autocast is optional
+    with it; gradients come back in the parameters' dtype. For fp16 compute keep loss
+    scaling: ``with_grad_scaling()`` (its default GradScaler handles FSDP2's sharded
+    gradients, and all ranks skip together).
 
     Args:
-        policy: a name, a jmp string or a :class:`Policy` (see :func:`get_policy`).
-        model: the model (true policies need it; mixed ones use it for the device type).
-        optimizer: the model's optimizer (master weights and stochastic rounding need it;
-            with "16-true" it is checked for an Adam eps that fp16 flushes to zero).
-        master_weights, stochastic_rounding: see above; not both.
-        keep_norm_fp32: keep norm layers (batch, instance, layer, group, RMS) in fp32;
-            None: for fp16 params (as Apex O2), not for bf16 or fp64.
+        policy: one of the names above, a ``torch.dtype``, or an ``ampfn.Policy``.
 
     Returns:
-        A transform (stateful with master weights or stochastic rounding).
+        ``torch.distributed.fsdp.MixedPrecisionPolicy``, to pass to
+        ``fully_shard(module, mp_policy=...)``.
 
     Raises:
-        ValueError: a bad policy, a true half or fp64 policy without ``model``, both
-            remedies, stochastic rounding of anything but bf16 weights, a remedy without
-            the model and optimizer.
-        TypeError: arguments of the wrong type.
-
-    Warns:
-        UserWarning: "16-true" with an Adam-family ``eps`` that fp16 flushes to zero.
+        ValueError: an unknown name (the message lists the valid ones).
+        TypeError: neither a name, a dtype nor a policy.
 
     Example:
-        >>> import torch, ampfn
-        >>> model = torch.nn.Linear(4, 2)
-        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> step = ampfn.with_policy("bf16-true", model, opt, master_weights=True)(lambda x: model(x))
-        >>> model.weight.dtype, step(torch.randn(3, 4)).dtype
+        >>> import ampfn
+        >>> mp = ampfn.fsdp_mixed_precision("bf16-mixed")
+        >>> mp.param_dtype, mp.reduce_dtype
         (torch.bfloat16, torch.float32)
     """
-    policy = get_policy(policy)
-    _check_args(
-        policy, model, optimizer, master_weights, stochastic_rounding, keep_norm_fp32
-    )
-    if policy.is_mixed:
-        return _mixed(policy, model)
-    param = policy.param_dtype
-    _check_eps(optimizer, policy, master_weights)
-    if model is None:  # 32-true: nothing to do
-        return Transform(
-            "with_policy",
-            fragment=Fragment("with_policy"),
-            tags=precision_tags(param),
-        )
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and p.dtype != torch.float32:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    api = "fsdp_mixed_precision(policy)"
+    output = None
+    if isinstance(policy, str):
+        if policy not in _FSDP_NAMES:
             raise ValueError(
-                f"with_policy(policy, model): parameter {name!r} is {p.dtype}; pass the model in "
-                "float32, with_policy casts it"
+                f"{api}: expected one of {', '.join(map(repr, _FSDP_NAMES))}, a torch.dtype or an "
+                f"ampfn.Policy, got {policy!r}"
             )
-    keep = (param == torch.float16) if keep_norm_fp32 is None else keep_norm_fp32
-    keep_fn = is_norm if keep else None
-    parts: dict[str, Stateful] = {}
-    masters = rounding = None
-    if master_weights:
-        masters = MasterWeights(castable_parameters(model, keep=keep_fn), [optimizer])
-        parts["master_weights"] = masters
-    if stochastic_rounding:
-        rounding = StochasticRounding(_seed(), optimizer)
-        parts["stochastic_rounding"] = rounding
-    if param != torch.float32:
-        cast_module(model, param, keep=keep_fn)
-        if keep_fn is not None:
-            compute_in_fp32(model, keep_fn)
-        patch_forward(model, policy.compute_dtype, policy.output_dtype)
-    tags = list(precision_tags(policy.compute_dtype))
-    if param == torch.float16 and not master_weights:
-        tags.append("fp16_grads")
-    return Transform(
-        "with_policy",
-        fragment=Fragment("with_policy", masters=masters, rounding=rounding),
-        tags=tags,
-        state=Parts(**parts) if parts else None,
+        policy = get_policy(policy)
+    if isinstance(policy, torch.dtype):
+        if not policy.is_floating_point:
+            raise ValueError(f"{api}: expected a floating dtype, got {policy}")
+        param, reduce = policy, torch.float32
+    elif isinstance(policy, Policy):
+        param = policy.compute_dtype
+        reduce = torch.float32 if policy.is_mixed else policy.param_dtype
+        output = (
+            policy.output_dtype if policy.output_dtype != policy.compute_dtype else None
+        )
+    else:
+        raise TypeError(
+            f"{api}: expected a precision name such as 'bf16-mixed', a torch.dtype or an "
+            f"ampfn.Policy, got {type(policy).__name__}"
+        )
+    return MixedPrecisionPolicy(
+        param_dtype=param, reduce_dtype=reduce, output_dtype=output
     )

@@ -1,4 +1,4 @@
-"""Stochastic rounding of the optimizer's update into bfloat16 weights.
+"""Layer 4, building block: stochastic rounding of the optimizer's update into bfloat16 weights.
 
 Plain bf16 training loses every update smaller than half a bf16 ulp of the weight: the
 rounded sum is the weight again, and the model stops learning. With stochastic rounding
@@ -148,6 +148,24 @@ class StochasticRounding:
             "seed": self.seed,
             "generators": {str(d): g.get_state() for d, g in self.generators.items()},
         }
+
+    def check_state(self, state: object, /) -> None:
+        if not (
+            isinstance(state, dict)
+            and isinstance(state.get("seed"), int)
+            and isinstance(state.get("generators"), dict)
+            and all(isinstance(g, torch.Tensor) for g in state["generators"].values())
+        ):
+            raise TypeError(
+                f"expected {{'seed': int, 'generators': {{device: state}}}}, got {state!r}"[
+                    :200
+                ]
+            )
+        for device in state["generators"]:
+            try:
+                torch.device(device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"saved generator device {device!r}: {e}") from None
 
     def load_state_dict(self, state: dict[str, Any], /) -> None:
         self.seed = state["seed"]

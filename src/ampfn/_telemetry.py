@@ -1,9 +1,10 @@
-"""``with_telemetry``: what precision did in each call of a step, as ``StepRecord`` values.
+"""Layer 5, transform: ``with_telemetry``, what precision did in each call of a step, as ``StepRecord`` values.
 
-The transform observes the pipeline's built-in effects (see ``ampfn._plan``): the loss
+The transform observes the pipeline's built-in effects (see ``ampfn._engine``): the loss
 scale a backward is about to use, each ``ampfn.step`` result, the norm
 ``ampfn.clip_grad_norm_`` returned, and on a skipped step which gradients were not
-finite. At the end of every ``every``-th call it hands one record to the sink.
+finite. A recorded call keeps what it saw in ``call.record``; at the end of every
+``every``-th call one record goes to the sink, after the loss scaler committed the call.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ampfn._core import Transform, factory
-from ampfn._plan import Fragment
+from ampfn._scaling import scale_of
+from ampfn._transform import Transform, factory
+from ampfn._types import Call, Fragment, Masters, Optimizer, Stepped
 
 
 class StepRecord(NamedTuple):
@@ -52,51 +54,69 @@ class StepRecord(NamedTuple):
 _UNSET: Any = object()
 
 
-class Telemetry:
-    """The observer: collects one call's facts, emits them at its end."""
+class _Seen:
+    """What one recorded call saw (its ``call.record``)."""
 
-    __slots__ = (
-        "count",
-        "every",
-        "names",
-        "nonfinite",
-        "norm",
-        "on",
-        "scale",
-        "sink",
-        "stepped",
-    )
+    __slots__ = ("nonfinite", "norm", "scale", "stepped")
+
+    def __init__(self) -> None:
+        self.scale: Any = _UNSET
+        self.stepped: list[bool] = []
+        self.norm: torch.Tensor | None = None
+        self.nonfinite: list[str] = []
+
+
+class Telemetry:
+    """The observer: what each recorded call saw goes into ``call.record`` (by observer:
+    a pipeline may have several), and out to the sink when the call ends; only the call
+    count is kept between calls."""
+
+    __slots__ = ("count", "every", "names", "sink")
 
     def __init__(
         self, sink: Callable[[StepRecord], Any], names: dict[int, str], every: int
     ) -> None:
         self.sink, self.names, self.every = sink, names, every
         self.count = 0
-        self.on = True  # whether this call is recorded (count % every == 0)
-        self.scale: Any = _UNSET
-        self.stepped: list[Any] = []
-        self.norm: Any = None
-        self.nonfinite: list[str] = []
 
-    def before_backward(self, engine: Any, loss_id: int) -> None:
-        if self.on and self.scale is _UNSET:
-            sc = engine.scaling
-            self.scale = (
-                engine.loss_scale(loss_id) if sc is None else sc.loss_scale(loss_id)
-            )
+    def begin(self, call: Call) -> None:
+        if self.count % self.every == 0:
+            if call.record is None:
+                call.record = {}
+            call.record[self] = _Seen()
 
-    def on_step(self, engine: Any, optimizer: Any, stepped: Any) -> None:
-        if self.on:
+    def _seen(self, call: Call) -> _Seen | None:
+        records = call.record
+        return None if records is None else records.get(self)
+
+    def before_backward(self, call: Call, loss_id: int) -> None:
+        seen = self._seen(call)
+        if seen is not None and seen.scale is _UNSET:
+            engine = call.plan.engine
+            seen.scale = scale_of(engine.scaling, engine.unit_scale, loss_id)
+
+    def on_step(
+        self,
+        call: Call,
+        optimizer: Optimizer,
+        stepped: Stepped,
+        masters: tuple[Masters, ...],
+    ) -> None:
+        seen = self._seen(call)
+        if seen is not None:
             took = bool(stepped)
-            self.stepped.append(took)
+            seen.stepped.append(took)
             if not took:
-                self.nonfinite.extend(self._nonfinite(engine, optimizer))
+                seen.nonfinite.extend(self._nonfinite(optimizer, masters))
 
-    def on_clip(self, norm: torch.Tensor) -> None:
-        if self.on:
-            self.norm = norm
+    def on_clip(self, call: Call, norm: torch.Tensor) -> None:
+        seen = self._seen(call)
+        if seen is not None:
+            seen.norm = norm
 
-    def _nonfinite(self, engine: Any, optimizer: Any) -> list[str]:
+    def _nonfinite(
+        self, optimizer: Optimizer, masters: tuple[Masters, ...]
+    ) -> list[str]:
         """Names of the parameters with inf/NaN gradients (only ever on a skipped step)."""
         out = []
         for i, group in enumerate(optimizer.param_groups):
@@ -108,32 +128,26 @@ class Telemetry:
                 if bool(local.isfinite().all()):
                     continue
                 model_param = next(
-                    (
-                        m.model_param_of(p)
-                        for m in engine.masters
-                        if m.model_param_of(p) is not None
-                    ),
-                    p,
+                    (q for m in masters if (q := m.model_param_of(p)) is not None), p
                 )
                 out.append(self.names.get(id(model_param), f"param_groups[{i}][{j}]"))
         return out
 
-    def end(self, failed: bool) -> None:
-        if self.on and not failed:
-            scale = None if self.scale is _UNSET else self.scale
+    def finish(self, call: Call, failed: bool) -> None:
+        seen = call.record.pop(self, None) if call.record else None
+        count = self.count
+        self.count += 1
+        if seen is not None and not failed:
+            scale = None if seen.scale is _UNSET else seen.scale
             fields = (
-                self.count,
+                count,
                 None if scale is None else float(scale),
-                tuple(self.stepped),
-                None if self.norm is None else float(self.norm),
-                tuple(dict.fromkeys(self.nonfinite)) if self.nonfinite else (),
+                tuple(seen.stepped),
+                None if seen.norm is None else float(seen.norm),
+                tuple(dict.fromkeys(seen.nonfinite)) if seen.nonfinite else (),
             )
             # StepRecord(*fields) without the Python frame of a NamedTuple's __new__
             self.sink(tuple.__new__(StepRecord, fields))
-        self.count += 1
-        self.on = self.count % self.every == 0
-        self.scale, self.norm = _UNSET, None
-        self.stepped, self.nonfinite = [], []
 
 
 _CALL_IT = (
@@ -266,7 +280,7 @@ def with_telemetry(
     observer = Telemetry(sink, names, every)
     transform = TelemetryTransform(
         "with_telemetry",
-        fragment=Fragment("with_telemetry", observer=observer, end=observer.end),
+        fragment=Fragment("with_telemetry", observer=observer),
     )
     transform.function_sink = isinstance(sink, types.FunctionType)
     return transform

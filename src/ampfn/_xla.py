@@ -1,4 +1,4 @@
-"""``with_xla_bf16``: bfloat16 on TPUs and other XLA devices, without environment variables."""
+"""Layer 5, transform: ``with_xla_bf16``, bfloat16 on TPUs and other XLA devices, without environment variables."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ampfn._autocast import check_autocast
-from ampfn._core import Transform, factory, precision_tags
-from ampfn._modules import cast_module, patch_forward
-from ampfn._plan import Fragment
+from ampfn._autocast_region import check_autocast
+from ampfn._casting import cast_module, patch_forward
+from ampfn._transform import Transform, factory, precision_tags
+from ampfn._types import Autocast, Call, Fragment
 
 MODES = ("mixed", "true")
 _API = "with_xla_bf16(*, mode, model, sync)"
@@ -42,8 +42,8 @@ def _optimizer_step(xm: ModuleType) -> Callable[..., None]:
     return step_via_xm
 
 
-def _cut(cut: Callable[[], None]) -> Callable[[bool], None]:
-    def end(failed: bool) -> None:
+def _cut(cut: Callable[[], None]) -> Callable[[Call, bool], None]:
+    def end(call: Call, failed: bool) -> None:
         if not failed:
             cut()
 
@@ -102,9 +102,9 @@ def with_xla_bf16(
         )
     torch_xla, xm = _import_xla()
     cut: Callable[[], None] = getattr(torch_xla, "sync", None) or xm.mark_step
-    autocast: tuple[str, torch.dtype, dict[str, Any]] | None = None
+    autocast: Autocast | None = None
     if mode == "mixed":
-        autocast = (check_autocast("xla", torch.bfloat16, _API), torch.bfloat16, {})
+        autocast = Autocast(check_autocast("xla", torch.bfloat16, _API), torch.bfloat16)
     else:
         assert model is not None
         cast_module(model, torch.bfloat16)

@@ -1,4 +1,4 @@
-"""Ready sinks for :func:`ampfn.with_telemetry`.
+"""Layer 6, public: ready sinks for :func:`ampfn.with_telemetry`.
 
 Example:
     >>> import logging, ampfn

@@ -232,7 +232,7 @@ def test_every_demo_pipeline_on_xla_cuts_the_graph_each_step(
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(demo, "_progress", lambda args, name: Progress())
+    monkeypatch.setattr(demo._train, "_progress", lambda args, name: Progress())
     steps = 20
     met.clear_all()
     args = ["--device", "xla", "--steps", str(steps), "--pipelines", pipeline]

@@ -1,4 +1,4 @@
-"""Property testing of numerical stability, for ampfn's suite and for users' own steps.
+"""Layer 7, on top: property testing of numerical stability, for ampfn's suite and for users' own steps.
 
 Needs hypothesis (the test extra: ``pip install -e '.[test]'`` in an ampfn checkout); ``import ampfn`` never imports it.
 

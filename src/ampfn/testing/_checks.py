@@ -1,4 +1,4 @@
-"""Numerical-stability checks for users' own steps under any ampfn pipeline.
+"""Layer 7, testing: numerical-stability checks for users' own steps under any ampfn pipeline.
 
 Every check has the shape ``check_NAME(make, transform, batches, **options)``:
 
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from ampfn._core import compute_dtype
+from ampfn._checkpoint import load_state_dict, state_dict
 from ampfn._scaling import find_scaler_state
-from ampfn._state import load_state_dict, state_dict
+from ampfn._transform import compute_dtype
 from ampfn.testing._trial import (
     Make,
     Trial,

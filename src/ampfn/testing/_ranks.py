@@ -1,4 +1,4 @@
-"""``check_ranks_agree``: the checks' contract across the ranks of a process group."""
+"""Layer 7, testing: ``check_ranks_agree``, the checks' contract across the ranks of a process group."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import hypothesis
 import torch
 from hypothesis import strategies as st
 
-from ampfn._state import loss_scale
+from ampfn._scaling import loss_scale
 from ampfn.testing._trial import (
     Make,
     Trial,

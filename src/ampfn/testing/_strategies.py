@@ -1,4 +1,4 @@
-"""Hypothesis strategies: half-precision edge values, batches, loss-scale settings, pipelines."""
+"""Layer 7, testing: hypothesis strategies, half-precision edge values, batches, loss-scale settings, pipelines."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from hypothesis import strategies as st
 
 import ampfn
-from ampfn._core import Pipeline, Transform
+from ampfn._transform import Pipeline, Transform
 
 NONFINITE = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
 

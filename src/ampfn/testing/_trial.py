@@ -1,4 +1,4 @@
-"""What every check shares: trials built from ``make(seed)``, a probe handler that
+"""Layer 7, testing: what every check shares: trials built from ``make(seed)``, a probe handler that
 records (and injects) what each step does, the eager validation of the contract, and
 running a property once per hypothesis example or once on given batches."""
 
@@ -14,8 +14,8 @@ import hypothesis
 import torch
 from hypothesis import strategies as st
 
-from ampfn._core import Transform
-from ampfn._effects import Handler
+from ampfn._transform import Transform
+from ampfn._types import Handler
 from ampfn.testing._strategies import TrialPipeline
 
 Make = Callable[[int], tuple[Callable[[Any], Any], torch.nn.Module, Any]]

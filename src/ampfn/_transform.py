@@ -1,8 +1,10 @@
-"""The vocabulary: transforms, pipelines and ``compose``.
+"""Layer 3, mechanism: transforms, pipelines and ``compose``.
 
 A *step* is any callable. A *transform* maps a step to a new step; the ``with_*``
 factories build :class:`Transform` objects, which record on the wrapped step the
-pipeline's tags (for conflict checks) and its stateful parts (for checkpoints).
+pipeline's tags (for conflict checks), its fragments (for ``ampfn.loss_scale``) and its
+stateful parts (for checkpoints). ampfn's own transforms fuse with each other into one
+wrapper (``ampfn._plan.build``).
 """
 
 from __future__ import annotations
@@ -10,23 +12,15 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable
-from typing import Any, ParamSpec, Protocol, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import torch
 
-from ampfn._effects import Handler
-from ampfn._plan import Fragment, Layer, build, can_fuse
+from ampfn._plan import Layer, build, can_fuse
+from ampfn._types import Fragment, Handler, Stateful
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-class Stateful(Protocol):
-    """What a stateful transform exposes for checkpoints."""
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any], /) -> None: ...
 
 
 class Parts:
@@ -39,6 +33,15 @@ class Parts:
 
     def state_dict(self) -> dict[str, Any]:
         return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def check_state(self, state: object, /) -> None:
+        if not isinstance(state, dict) or set(state) != set(self.parts):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"ampfn.load_state_dict: expected the parts {sorted(self.parts)}, got {got}"
+            )
+        for name, part in self.parts.items():
+            part.check_state(state[name])
 
     def load_state_dict(self, state: dict[str, Any], /) -> None:
         for name, part in self.parts.items():
@@ -156,6 +159,14 @@ class Transform:
             raise TypeError(
                 f"{self.name}(step): expected a callable step, got {type(step).__name__}"
             )
+        kind = _lazy_kind(step)
+        if kind is not None:
+            raise TypeError(
+                f"{self.name}(step): the step is {kind}, whose body runs only when it is "
+                "iterated or awaited, after the wrapper has returned: no autocast, no loss "
+                "scaling; make the step a plain function (call it inside your loop or "
+                "coroutine)"
+            )
         inner_tags: Tags = getattr(step, "__ampfn_tags__", ())
         check_tags(self.tags + inner_tags)
         layer: Layer | None = None
@@ -186,6 +197,17 @@ class Transform:
 
     def __repr__(self) -> str:
         return f"<ampfn transform {self.name}>"
+
+
+def _lazy_kind(step: Callable[..., Any]) -> str | None:
+    """What a step is whose body runs after the call returns, or None."""
+    if inspect.isasyncgenfunction(step):
+        return "an async generator function"
+    if inspect.iscoroutinefunction(step):
+        return "a coroutine function (async def)"
+    if inspect.isgeneratorfunction(step):
+        return "a generator function"
+    return None
 
 
 def factory_call(fn: Callable[..., Any]) -> str:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import ampfn
-from ampfn._devicescaling import LossScale
+from ampfn._scaling import LossScale
 from helpers import Batch, batches, mlp, params_equal
 
 SRC = str(Path(ampfn.__file__).parent)

@@ -23,7 +23,7 @@ def test_load_state_dict_rejects_another_pipeline() -> None:
         ampfn.load_state_dict(plain, ampfn.state_dict(scaled))
     with pytest.raises(
         TypeError,
-        match=r"ampfn.load_state_dict\(wrapped_step, state\): expected a dict",
+        match=r"ampfn.load_state_dict\(wrapped_step, state\): expected the dict ampfn.state_dict",
     ):
         ampfn.load_state_dict(plain, [])  # type: ignore[arg-type]
     with pytest.raises(

@@ -1,4 +1,12 @@
-"""Casting models and inputs: shared by fp32 islands, apex O2/O3 and XLA bf16-true."""
+"""Layer 4, building block: casting a model once, and making it cast its inputs and outputs.
+
+Shared by ``with_apex`` O2/O3, the true policies and ``with_xla_bf16(mode="true")``:
+:func:`cast_module` casts parameters and buffers in place (fp32 islands and the modules a
+``keep`` rule picks stay as they are), :func:`patch_forward` makes ``model.forward`` cast
+floating inputs and outputs, :func:`compute_in_fp32` makes the kept modules compute in
+fp32 between half layers, and :func:`fp32_checkpoints` makes ``model.state_dict()``
+return fp32 tensors (the masters' values where there are masters).
+"""
 
 from __future__ import annotations
 
@@ -9,40 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def cast_floating(obj: Any, dtype: torch.dtype) -> Any:
-    """Cast every floating tensor in ``obj`` (nested tuples, lists and dicts) to ``dtype``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
-    if isinstance(obj, tuple):
-        items = [cast_floating(o, dtype) for o in obj]
-        return (
-            type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-        )  # NamedTuple
-    if isinstance(obj, list):
-        return [cast_floating(o, dtype) for o in obj]
-    if isinstance(obj, dict):
-        return {k: cast_floating(v, dtype) for k, v in obj.items()}
-    return obj
-
-
-def floating_devices(obj: Any, found: set[str]) -> set[str]:
-    """The device types of the floating tensors in ``obj`` (nested like :func:`cast_floating`)."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point():
-            found.add(obj.device.type)
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            floating_devices(o, found)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            floating_devices(o, found)
-    return found
-
-
-def is_fp32_island(module: nn.Module) -> bool:
-    return getattr(module, "_ampfn_fp32_island", False) is True
-
+from ampfn._islands import is_fp32_island
+from ampfn._tree import cast_floating
 
 Keep = Callable[[nn.Module], bool]  # modules whose own tensors stay fp32
 

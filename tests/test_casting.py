@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 import ampfn
-from ampfn._modules import (
+from ampfn._casting import (
     affine_batchnorm,
-    cast_floating,
     cast_module,
     castable_parameters,
     patch_forward,
 )
+from ampfn._tree import cast_floating
 
 
 class Pair(NamedTuple):
