@@ -23,10 +23,12 @@ from ampfn._casting import (
 )
 from ampfn._grad_scaling import resolve_sync_ranks
 from ampfn._masters import MasterWeights
+from ampfn._policy import warn_fp16_eps
 from ampfn._runtime import default_device_type
 from ampfn._scaling import ApexScaler, GradScalerScaler, LossScale, ScalerBase
 from ampfn._transform import Parts, Transform, factory, precision_tags
 from ampfn._types import Autocast, Fragment, Stateful
+from ampfn._undo import Snapshot
 
 _BACKENDS = ("auto", "native", "apex")
 
@@ -146,6 +148,7 @@ def _native(
     half = props.cast_model_type == torch.float16
     keep_bn = affine_batchnorm if props.keep_batchnorm_fp32 else None
     masters = None
+    before = Snapshot(models, optimizers)
     if props.master_weights and half:
         to_master = [p for m in models for p in castable_parameters(m, keep=keep_bn)]
         masters = MasterWeights("with_apex", to_master, optimizers)
@@ -175,6 +178,7 @@ def _native(
             *precision_tags(torch.float16 if half or props.autocast else torch.float32),
         ),
         state=Parts(**parts) if parts else None,
+        undo=before.restore,
     )
 
 
@@ -283,6 +287,14 @@ def with_apex(
         )
     bounds = check_scale_bounds(min_loss_scale, max_loss_scale)
     models, optimizers, device_type = _check_models(model, optimizer, props, num_losses)
+    if props.cast_model_type == torch.float16 and not props.master_weights:
+        for o in optimizers:  # the user's with_apex call, through ampfn's factory
+            warn_fp16_eps(
+                o,
+                f"with_apex({props.level!r})",
+                "O2 (fp32 master weights: the optimizer then works in fp32)",
+                stacklevel=3,
+            )
     sync_ranks = resolve_sync_ranks(sync_ranks, _API)
     if props.autocast:
         check_autocast(device_type, torch.float16, _API)

@@ -126,7 +126,7 @@ class Transform:
     keeps working the same way as its own layer.
     """
 
-    __slots__ = ("_wrap", "fragment", "name", "state", "tags")
+    __slots__ = ("_wrap", "applied", "fragment", "name", "state", "tags", "undo")
 
     def __init__(
         self,
@@ -137,6 +137,7 @@ class Transform:
         state: Stateful | None = None,
         fragment: Fragment | None = None,
         handler: Handler | None = None,
+        undo: Callable[[], None] | None = None,
     ) -> None:
         if handler is not None:
             fragment = Fragment(name, handler=handler)
@@ -149,6 +150,10 @@ class Transform:
         self.fragment = fragment
         self.tags: Tags = tuple((t, name) for t in tags)
         self.state = state
+        # what the factory did to models and optimizers, taken back if the first
+        # pipeline it joins is refused (see refuse)
+        self.undo = undo
+        self.applied = False
 
     def __call__(self, step: Callable[P, R]) -> Callable[P, R]:
         if getattr(step, "__ampfn_factory__", False):
@@ -167,8 +172,14 @@ class Transform:
                 "scaling; make the step a plain function (call it inside your loop or "
                 "coroutine)"
             )
+        if self.undo is _UNDONE:
+            raise ValueError(
+                f"{self.name}: this transform was part of a pipeline that was refused, and "
+                "what it did to the model and optimizer was taken back; call "
+                f"{self.name}(...) again with the model and optimizer"
+            )
         inner_tags: Tags = getattr(step, "__ampfn_tags__", ())
-        check_tags(self.tags + inner_tags)
+        refuse_on_conflict((self,), self.tags + inner_tags)
         layer: Layer | None = None
         if self.fragment is not None:
             inner: Layer | None = getattr(step, "__ampfn_layer__", None)
@@ -193,10 +204,38 @@ class Transform:
         inner_parts: tuple[Fragment, ...] = getattr(step, "__ampfn_parts__", ())
         own_parts = (self.fragment,) if self.fragment is not None else ()
         wrapped.__ampfn_parts__ = own_parts + inner_parts  # type: ignore[attr-defined]
+        self.applied = True
         return cast(Callable[P, R], wrapped)
 
     def __repr__(self) -> str:
         return f"<ampfn transform {self.name}>"
+
+
+def _undone() -> None:
+    """The marker of a transform whose conversion was taken back."""
+
+
+_UNDONE = _undone
+
+
+def refuse_on_conflict(transforms: Iterable[object], tags: Tags) -> None:
+    """``check_tags``; if the pipeline is refused, first take back what the factories of
+    ``transforms`` that joined no pipeline yet did to models and optimizers (casts,
+    masters), so that retrying as the message advises starts from the user's own
+    fp32 model."""
+    try:
+        check_tags(tags)
+    except ValueError:
+        for t in transforms:
+            if (
+                isinstance(t, Transform)
+                and not t.applied
+                and t.undo is not None
+                and t.undo is not _UNDONE
+            ):
+                t.undo()
+                t.undo = _UNDONE
+        raise
 
 
 def _lazy_kind(step: Callable[..., Any]) -> str | None:
@@ -313,7 +352,9 @@ def compose(
                 f"compose(*transforms): transform at position {i} is not callable: {t!r}"
             )
         flat.extend(t.transforms if isinstance(t, Pipeline) else (t,))
-    check_tags(tuple(tag for t in flat if isinstance(t, Transform) for tag in t.tags))
+    refuse_on_conflict(
+        flat, tuple(tag for t in flat if isinstance(t, Transform) for tag in t.tags)
+    )
     return Pipeline(tuple(flat))
 
 
