@@ -12,7 +12,7 @@ from ampfn import _distributed as distributed
 from ampfn._apex_backend import apex_amp, apex_transform
 from ampfn._apex_levels import API as _API
 from ampfn._apex_levels import ApexLevel, check_scale_bounds, resolve_level
-from ampfn._args import is_optimizer
+from ampfn._args import is_optimizer, optimizer_params
 from ampfn._autocast_region import check_autocast
 from ampfn._casting import (
     affine_batchnorm,
@@ -84,6 +84,16 @@ def _check_models(
                     f"{_API}: parameter {name!r} is {p.dtype}; pass the model in float32 (as Apex "
                     "requires), with_apex casts it for the level"
                 )
+    mine = {id(p) for m in models for p in m.parameters()}
+    if changes and not any(
+        id(p) in mine for o in optimizers for p in optimizer_params(o)
+    ):
+        raise ValueError(
+            f"{_API}: the optimizer holds none of the model's parameters (another model's "
+            f"optimizer?), so {props.level} would cast the model and no step would ever move "
+            "it; pass the optimizer built on this model's parameters "
+            "(torch.optim.SGD(model.parameters(), ...))"
+        )
     first = next((p for m in models for p in m.parameters()), None)
     return (
         models,

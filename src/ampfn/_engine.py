@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ampfn._args import check_loss_id
-from ampfn._guard import torch_clip_grad_norm_
+from ampfn._guard import install, torch_clip_grad_norm_
 from ampfn._runtime import local, without_autocast
 from ampfn._types import (
     Call,
@@ -156,6 +156,8 @@ class Engine:
         # the transform whose work surrounds optimizer.step: only ampfn.step may step then
         owners = [f.name for f in fragments if f.scaling or f.masters or f.rounding]
         self.owner: str | None = owners[0] if owners else None
+        if self.owner is not None:
+            install()  # the guards on torch's own step and clipping (ampfn._guard)
         self.plain_step = not (
             self.scaling
             or self.masters
