@@ -38,7 +38,8 @@ class Parts:
         if not isinstance(state, dict) or set(state) != set(self.parts):
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(
-                f"ampfn.load_state_dict: expected the parts {sorted(self.parts)}, got {got}"
+                f"expected the parts {sorted(self.parts)}, got {got} (saved from another "
+                "level or configuration?)"
             )
         for name, part in self.parts.items():
             part.check_state(state[name])
