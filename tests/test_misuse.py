@@ -526,3 +526,45 @@ def test_a_direct_optimizer_step_inside_the_step_is_refused(kind: str) -> None:
     opt.zero_grad(set_to_none=True)
     assert bool(t(train(model, opt))(None))
     assert_matches_fresh(kind, model)
+
+
+@pytest.mark.parametrize("num_losses", [1, 2])
+def test_an_uncoalesced_sparse_fp16_gradient_is_unscaled_in_place(
+    num_losses: int,
+) -> None:
+    """O3 with a dynamic scale (Apex's per-loss scaler) on a sparse embedding whose
+    gradient has duplicate indices: the step is plain fp16 SGD's, not the scale times
+    larger."""
+    idx = torch.tensor([1, 1, 2, 3, 3, 3])
+    runs = []
+    for scaled in (True, False):
+        torch.manual_seed(0)
+        emb = nn.Embedding(10, 4, sparse=True)
+        opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+        if scaled:
+            t = ampfn.with_apex(
+                "O3",
+                emb,
+                opt,
+                backend="native",
+                loss_scale="dynamic",
+                max_loss_scale=2.0**8,
+                num_losses=num_losses,
+            )
+
+            def step(_: Any, emb: nn.Embedding = emb, opt: Any = opt) -> Any:
+                ampfn.backward(emb(idx).float().pow(2).sum())
+                grad = emb.weight.grad
+                assert grad is not None
+                assert not grad.is_coalesced()
+                stepped = ampfn.step(opt)
+                opt.zero_grad()
+                return stepped
+
+            assert bool(t(step)(None))
+        else:
+            emb.half()
+            emb(idx).float().pow(2).sum().backward()
+            opt.step()
+        runs.append(emb.weight.detach().clone())
+    assert torch.equal(*runs)
