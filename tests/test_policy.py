@@ -500,3 +500,10 @@ def test_the_fp16_eps_warning_names_the_user_s_call_site() -> None:
     ) as w:
         ampfn.with_policy("16-true", model, opt)
     assert w[0].filename == __file__
+
+
+@pytest.mark.parametrize("name", ["half", "fp16", "f16", "float16", "bf16", "bfloat16"])
+def test_dtype_names_mean_the_same_in_get_policy_and_with_autocast(name: str) -> None:
+    policy = ampfn.get_policy(name)
+    step = ampfn.with_autocast(name, "cpu")(lambda: torch.get_autocast_dtype("cpu"))
+    assert step() == policy.compute_dtype

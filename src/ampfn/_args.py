@@ -41,9 +41,9 @@ def check_loss_id(
     if losses is not None and loss_id >= losses[1]:
         name, n = losses
         raise ValueError(
-            f"{api}: loss_id is {loss_id}, but {name} scales num_losses={n} "
-            f"loss{'es' if n > 1 else ''} (loss ids 0 to {n - 1}); for one loss scaler per "
-            f"loss use with_apex(level, model, optimizer, num_losses={loss_id + 1})"
+            f"{api}: loss_id is {loss_id}, but {name} has num_losses={n} (loss ids 0 to "
+            f"{n - 1}); for a loss scale per loss, build "
+            f"with_apex(level, model, optimizer, num_losses={loss_id + 1})"
         )
     return loss_id
 
