@@ -568,3 +568,41 @@ def test_an_uncoalesced_sparse_fp16_gradient_is_unscaled_in_place(
             opt.step()
         runs.append(emb.weight.detach().clone())
     assert torch.equal(*runs)
+
+
+_SETTINGS = [
+    ({"init_scale": 0.0}, "scale", "init_scale"),
+    ({"init_scale": float("nan")}, "scale", "init_scale"),
+    ({"init_scale": float("inf")}, "scale", "init_scale"),
+    ({"backoff_factor": 0.0}, "backoff_factor", "backoff_factor"),
+    ({"growth_interval": 0}, "growth_interval", "growth_interval"),
+    ({"growth_interval": -3}, "growth_interval", "growth_interval"),
+    ({"growth_interval": 2.0}, "growth_interval", "growth_interval"),
+]
+
+
+@pytest.mark.parametrize("sync", [True, False])
+@pytest.mark.parametrize(
+    ("settings", "key", "name"), _SETTINGS, ids=[str(s) for s, _, _ in _SETTINGS]
+)
+def test_grad_scaler_settings_that_cannot_work_are_refused_when_built_and_loaded(
+    sync: bool, settings: dict[str, Any], key: str, name: str
+) -> None:
+    """A user's GradScaler does not check its own settings; a float interval would fail
+    inside ``update()``, after the optimizer stepped. ``with_grad_scaling`` refuses them,
+    and ``ampfn.load_state_dict`` refuses the same values in a saved state, with nothing
+    loaded."""
+    with pytest.raises(ValueError, match=rf"with_grad_scaling\(scaler.*{name}"):
+        ampfn.with_grad_scaling(torch.amp.GradScaler("cpu", **settings), sync=sync)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = ampfn.with_grad_scaling(sync=sync)(train(model, opt))
+    step(None)
+    good = copy.deepcopy(ampfn.state_dict(step))
+    bad = copy.deepcopy(good)
+    value = settings[next(iter(settings))]
+    bad["transforms"][0]["state"]["scaler"][key] = value
+    with pytest.raises(ValueError, match=rf"ampfn\.load_state_dict.*{key}"):
+        ampfn.load_state_dict(step, bad)
+    assert first_difference(good, ampfn.state_dict(step)) is None
+    assert bool(step(None))
