@@ -74,6 +74,23 @@ def assert_unchanged(
     assert diff is None, f"the misuse changed {diff}"
 
 
+def assert_refused(
+    wrapped: Any, model: nn.Module, opts: list[Any], error: type[Exception], match: str
+) -> None:
+    """Calling ``wrapped`` raises ``error`` matching ``match``, and nothing changed."""
+    before = snapshot(model, opts, wrapped)
+    with pytest.raises(error, match=match):
+        wrapped(None)
+    assert_unchanged(before, model, opts, wrapped)
+
+
+def assert_recovers(kind: str, model: nn.Module, opt: Any, t: ampfn.Transform) -> None:
+    """After clearing the gradients, a correct call works as on a fresh pipeline."""
+    opt.zero_grad(set_to_none=True)
+    assert bool(t(train(model, opt))(None))
+    assert_matches_fresh(kind, model)
+
+
 def assert_matches_fresh(kind: str, model: nn.Module, calls: int = 1) -> None:
     """``model`` is where a fresh pipeline of ``kind`` is after ``calls`` correct calls."""
     fresh, opt, t = setup(kind)
@@ -118,13 +135,14 @@ def test_an_exception_after_backward_leaves_the_direct_backward_check_armed(
     with pytest.raises(KeyError):
         t(failing)(None)
     wrapped = t(direct)
-    before = snapshot(model, [opt], wrapped)
-    with pytest.raises(RuntimeError, match=r"call ampfn\.backward\(loss\) instead"):
-        wrapped(None)
-    assert_unchanged(before, model, [opt], wrapped)
-    opt.zero_grad(set_to_none=True)
-    assert bool(t(train(model, opt))(None))
-    assert_matches_fresh(kind, model)
+    assert_refused(
+        wrapped,
+        model,
+        [opt],
+        RuntimeError,
+        match=r"call ampfn\.backward\(loss\) instead",
+    )
+    assert_recovers(kind, model, opt, t)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -139,13 +157,8 @@ def test_an_exception_after_unscale_leaves_the_next_call_as_on_a_fresh_pipeline(
         raise KeyError("the user's bug")
 
     wrapped = t(failing)
-    before = snapshot(model, [opt], wrapped)
-    with pytest.raises(KeyError):
-        wrapped(None)
-    assert_unchanged(before, model, [opt], wrapped)
-    opt.zero_grad(set_to_none=True)
-    assert bool(t(train(model, opt))(None))
-    assert_matches_fresh(kind, model)
+    assert_refused(wrapped, model, [opt], KeyError, "the user's bug")
+    assert_recovers(kind, model, opt, t)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -304,10 +317,9 @@ def test_fp16_gradients_name_the_fp32_master_fix(sync: bool) -> None:
         return ampfn.step(opt)
 
     wrapped = ampfn.with_grad_scaling(sync=sync)(step)
-    before = snapshot(model, [opt], wrapped)
-    with pytest.raises(ValueError, match=r"gradients are fp16.*with_apex\('O2'"):
-        wrapped(None)
-    assert_unchanged(before, model, [opt], wrapped)
+    assert_refused(
+        wrapped, model, [opt], ValueError, match=r"gradients are fp16.*with_apex\('O2'"
+    )
 
 
 @pytest.mark.parametrize("kind", ["sync", "sync_free"])
@@ -371,10 +383,13 @@ def test_torch_clip_on_scaled_gradients_is_refused(kind: str) -> None:
         return ampfn.step(opt)
 
     wrapped = t(step)
-    before = snapshot(model, [opt], wrapped)
-    with pytest.raises(RuntimeError, match=r"ampfn\.clip_grad_norm_.*ampfn\.unscale_"):
-        wrapped(None)
-    assert_unchanged(before, model, [opt], wrapped)
+    assert_refused(
+        wrapped,
+        model,
+        [opt],
+        RuntimeError,
+        match=r"ampfn\.clip_grad_norm_.*ampfn\.unscale_",
+    )
 
 
 @pytest.mark.parametrize("kind", ["apex_o2", "apex_two_losses", "with_policy_masters"])
@@ -426,13 +441,14 @@ def test_a_bad_max_norm_is_refused_before_unscaling(kind: str, max_norm: float) 
         return ampfn.step(opt)
 
     wrapped = t(step)
-    before = snapshot(model, [opt], wrapped)
-    with pytest.raises(ValueError, match=r"ampfn\.clip_grad_norm_.*max_norm must be"):
-        wrapped(None)
-    assert_unchanged(before, model, [opt], wrapped)
-    opt.zero_grad(set_to_none=True)
-    assert bool(t(train(model, opt))(None))
-    assert_matches_fresh(kind, model)
+    assert_refused(
+        wrapped,
+        model,
+        [opt],
+        ValueError,
+        match=r"ampfn\.clip_grad_norm_.*max_norm must be",
+    )
+    assert_recovers(kind, model, opt, t)
 
 
 @pytest.mark.parametrize("kind", ["sync", "sync_free", "apex_o1"])
@@ -448,12 +464,13 @@ def test_clipping_parameters_the_optimizer_does_not_hold_is_refused(kind: str) -
         return ampfn.step(opt), ampfn.step(other)
 
     wrapped = t(step)
-    before = snapshot(model, [opt, other], wrapped)
-    with pytest.raises(
-        ValueError, match=r"does not hold.*pass the optimizer that holds"
-    ):
-        wrapped(None)
-    assert_unchanged(before, model, [opt, other], wrapped)
+    assert_refused(
+        wrapped,
+        model,
+        [opt, other],
+        ValueError,
+        match=r"does not hold.*pass the optimizer that holds",
+    )
 
 
 def test_a_nanogpt_port_that_keeps_scaler_unscale_matches_its_torch_amp_loop() -> None:
@@ -499,10 +516,9 @@ def test_a_loss_id_beyond_num_losses_is_refused(kind: str) -> None:
         return ampfn.step(opt)
 
     wrapped = t(step)
-    before = snapshot(model, [opt], wrapped)
-    with pytest.raises(ValueError, match=rf"loss_id is {loss_id}.*num_losses"):
-        wrapped(None)
-    assert_unchanged(before, model, [opt], wrapped)
+    assert_refused(
+        wrapped, model, [opt], ValueError, match=rf"loss_id is {loss_id}.*num_losses"
+    )
     assert all(p.grad is None for p in model.parameters())
     assert bool(t(train(model, opt))(None))
     assert_matches_fresh(kind, model)
@@ -517,15 +533,14 @@ def test_a_direct_optimizer_step_inside_the_step_is_refused(kind: str) -> None:
         opt.step()
 
     wrapped = t(step)
-    before = snapshot(model, [opt], wrapped)
-    with pytest.raises(
-        RuntimeError, match=r"called directly.*ampfn\.step\(optimizer\)"
-    ):
-        wrapped(None)
-    assert_unchanged(before, model, [opt], wrapped)
-    opt.zero_grad(set_to_none=True)
-    assert bool(t(train(model, opt))(None))
-    assert_matches_fresh(kind, model)
+    assert_refused(
+        wrapped,
+        model,
+        [opt],
+        RuntimeError,
+        match=r"called directly.*ampfn\.step\(optimizer\)",
+    )
+    assert_recovers(kind, model, opt, t)
 
 
 @pytest.mark.parametrize("num_losses", [1, 2])
