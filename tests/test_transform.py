@@ -305,7 +305,9 @@ def test_an_accepted_transform_is_never_taken_back() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     o2 = ampfn.with_apex("O2", model, opt, backend="native")
+    assert o2.undo is not None
     trained = o2(make_step(model, opt))
+    assert o2.undo is None  # the snapshot (the model's fp32 tensors) is released
     trained(batches(1)[0])
     with pytest.raises(ValueError, match="two loss-scaling"):
         ampfn.compose(ampfn.with_grad_scaling(), o2)
@@ -340,3 +342,20 @@ def test_a_step_whose_body_runs_later_is_refused_when_applied(
         TypeError, match=rf"the step is {kind}.*make the step a plain function"
     ):
         ampfn.with_grad_scaling()(step)
+
+
+def test_a_refused_composition_takes_back_stochastic_roundings_optimizer_hooks() -> None:
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    hooks = dict(opt._optimizer_load_state_dict_pre_hooks)
+    rounding = ampfn.with_policy("bf16-true", model, opt, stochastic_rounding=True)
+    assert model[0].weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="two precision policies"):
+        ampfn.compose(rounding, ampfn.with_policy("bf16-mixed"))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert dict(opt._optimizer_load_state_dict_pre_hooks) == hooks
+    step = ampfn.with_policy("bf16-true", model, opt, stochastic_rounding=True)(
+        make_step(model, opt)
+    )
+    step(batches(1)[0])
+    opt.load_state_dict(opt.state_dict())  # the retry's own hooks, once

@@ -268,11 +268,18 @@ def with_apex(
 
     Returns:
         A stateful transform; ``ampfn.state_dict`` holds the loss scaler and the masters.
+        If the first pipeline it joins is refused (``compose`` with another loss
+        scaler), the models and optimizers are put back as they were.
+
+    Warns:
+        UserWarning: fp16 weights without masters (O3) and an Adam-family ``eps`` that
+            fp16 flushes to zero, as ``with_policy("16-true")`` warns.
 
     Raises:
         TypeError, ValueError: a bad level, backend, override or model (the message
-            says which); O2/O3 without model and optimizer; overrides Apex forbids; a
-            model already converted by ``with_apex``.
+            says which); O2/O3 without model and optimizer, or with optimizers that
+            hold none of the model's parameters; overrides Apex forbids; a model already
+            converted by ``with_apex``.
         ImportError: ``backend="apex"`` without NVIDIA Apex.
 
     Example:

@@ -127,7 +127,7 @@ class Transform:
     keeps working the same way as its own layer.
     """
 
-    __slots__ = ("_wrap", "applied", "fragment", "name", "state", "tags", "undo")
+    __slots__ = ("_wrap", "fragment", "name", "state", "tags", "undo")
 
     def __init__(
         self,
@@ -152,9 +152,8 @@ class Transform:
         self.tags: Tags = tuple((t, name) for t in tags)
         self.state = state
         # what the factory did to models and optimizers, taken back if the first
-        # pipeline it joins is refused (see refuse)
+        # pipeline it joins is refused (refuse_on_conflict); released once accepted
         self.undo = undo
-        self.applied = False
 
     def __call__(self, step: Callable[P, R]) -> Callable[P, R]:
         if getattr(step, "__ampfn_factory__", False):
@@ -205,18 +204,15 @@ class Transform:
         inner_parts: tuple[Fragment, ...] = getattr(step, "__ampfn_parts__", ())
         own_parts = (self.fragment,) if self.fragment is not None else ()
         wrapped.__ampfn_parts__ = own_parts + inner_parts  # type: ignore[attr-defined]
-        self.applied = True
+        self.undo = None  # accepted: nothing to take back, release the snapshot
         return cast(Callable[P, R], wrapped)
 
     def __repr__(self) -> str:
         return f"<ampfn transform {self.name}>"
 
 
-def _undone() -> None:
-    """The marker of a transform whose conversion was taken back."""
-
-
-_UNDONE = _undone
+def _UNDONE() -> None:  # the undo of a transform already taken back
+    pass
 
 
 def refuse_on_conflict(transforms: Iterable[object], tags: Tags) -> None:
@@ -230,7 +226,6 @@ def refuse_on_conflict(transforms: Iterable[object], tags: Tags) -> None:
         for t in transforms:
             if (
                 isinstance(t, Transform)
-                and not t.applied
                 and t.undo is not None
                 and t.undo is not _UNDONE
             ):
@@ -334,7 +329,9 @@ def compose(
 
     Raises:
         TypeError: a transform is not callable (the message names its position).
-        ValueError: the pipeline combines transforms that exclude each other.
+        ValueError: the pipeline combines transforms that exclude each other; what the
+            factories of its transforms did to models and optimizers (``with_policy``'s
+            and ``with_apex``'s casts and masters) is taken back first.
 
     Example:
         >>> import torch, ampfn

@@ -5,7 +5,8 @@ called (cast in place, ``forward`` patched, hooks registered, fp32 masters put i
 ``param_groups``). When the pipeline they were built for is then refused (``compose``
 finds two loss scalers, or fp16 weights without masters under ``with_grad_scaling``),
 nothing may have changed: :class:`Snapshot`, taken before the conversion, puts every
-model and optimizer back as it was.
+model and optimizer back as it was: parameters' data and gradients, buffers, instance
+attributes (a patched ``forward``), hooks, ``param_groups`` and optimizer state.
 """
 
 from __future__ import annotations
@@ -16,20 +17,22 @@ from typing import Any
 import torch
 from torch import nn
 
-# the hook dictionaries of an nn.Module that a conversion may add to
-_HOOKS = (
-    "_forward_pre_hooks",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
+
+def _hooks(obj: object) -> dict[str, set[Any]]:
+    """The keys of each hook dictionary of a module or an optimizer (``_forward_hooks``,
+    ``_state_dict_hooks``, ``_optimizer_load_state_dict_pre_hooks``, ...)."""
+    return {
+        name: set(value)
+        for name, value in vars(obj).items()
+        if "hook" in name and isinstance(value, dict)
+    }
+
+
+def _remove_new_hooks(obj: object, saved: dict[str, set[Any]]) -> None:
+    for name, keys in saved.items():
+        hooks = getattr(obj, name)
+        for key in [k for k in hooks if k not in keys]:
+            del hooks[key]
 
 
 class _ModuleState:
@@ -42,9 +45,7 @@ class _ModuleState:
         self.params = [
             (p, p.data, p.grad) for p in module._parameters.values() if p is not None
         ]
-        self.hooks = {
-            name: set(getattr(module, name)) for name in _HOOKS if hasattr(module, name)
-        }
+        self.hooks = _hooks(module)
 
     def restore(self) -> None:
         module = self.module
@@ -53,15 +54,11 @@ class _ModuleState:
             p.grad = grad
         module._buffers.clear()
         module._buffers.update(self.buffers)
-        for name, keys in self.hooks.items():
-            hooks = getattr(module, name)
-            for key in [k for k in hooks if k not in keys]:
-                del hooks[key]
+        _remove_new_hooks(module, self.hooks)
         for name in [n for n in vars(module) if n not in self.attrs]:
             delattr(module, name)
-        for name in ("forward",):  # instance attributes a conversion replaces
-            if name in self.attrs:
-                object.__setattr__(module, name, self.attrs[name])
+        if "forward" in self.attrs:  # the user's own, which a conversion wrapped
+            object.__setattr__(module, "forward", self.attrs["forward"])
         if isinstance(module, nn.RNNBase):
             module.flatten_parameters()
 
@@ -78,6 +75,7 @@ class Snapshot:
                 opt,
                 [(g, g["params"], list(g["params"])) for g in opt.param_groups],
                 dict(opt.state),
+                _hooks(opt),
             )
             for opt in dict.fromkeys(optimizers)
         ]
@@ -86,9 +84,10 @@ class Snapshot:
     def restore(self) -> None:
         for state in self.modules:
             state.restore()
-        for opt, groups, saved in self.optimizers:
+        for opt, groups, saved, hooks in self.optimizers:
             for group, params, items in groups:
                 params[:] = items
                 group["params"] = params
             opt.state.clear()
             opt.state.update(saved)
+            _remove_new_hooks(opt, hooks)

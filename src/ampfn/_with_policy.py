@@ -177,13 +177,15 @@ def with_policy(
             None: for fp16 params (as Apex O2), not for bf16 or fp64.
 
     Returns:
-        A transform (stateful with master weights or stochastic rounding).
+        A transform (stateful with master weights or stochastic rounding). If the first
+        pipeline it joins is refused (fp16 weights without masters under
+        ``with_grad_scaling``), the model and optimizer are put back as they were.
 
     Raises:
         ValueError: a bad policy, a true half or fp64 policy without ``model``, both
             remedies, stochastic rounding of anything but bf16 weights, a remedy without
             the model and optimizer.
-        TypeError: arguments of the wrong type.
+        TypeError: arguments of the wrong type (an ``optimizer`` that is not one).
 
     Warns:
         UserWarning: "16-true" with an Adam-family ``eps`` that fp16 flushes to zero.
