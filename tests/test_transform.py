@@ -344,9 +344,7 @@ def test_a_step_whose_body_runs_later_is_refused_when_applied(
         ampfn.with_grad_scaling()(step)
 
 
-def test_a_refused_composition_takes_back_stochastic_roundings_optimizer_hooks() -> (
-    None
-):
+def test_a_refused_composition_takes_back_optimizer_hooks() -> None:
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     hooks = dict(opt._optimizer_load_state_dict_pre_hooks)
