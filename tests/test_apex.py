@@ -789,3 +789,127 @@ def test_the_apex_backend_refuses_a_closure_before_stepping() -> None:
         with pytest.raises(RuntimeError, match=r"with_apex refuses closures"):
             handler.step(lambda *a: None, opt, args, dict(kwargs))
     assert torch.equal(model.weight, before)
+
+
+# --- misuse (issue 20) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", ["01", "02", "00"])
+def test_a_digit_zero_level_says_the_level_is_the_letter_o(level: str) -> None:
+    with pytest.raises(
+        ValueError, match=rf"the letter O, not the digit zero: 'O{level[1]}'"
+    ):
+        ampfn.with_apex(level)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"loss_scale": math.inf},
+        {"loss_scale": math.nan},
+        {"loss_scale": 0.0},
+        {"max_loss_scale": 0},
+        {"max_loss_scale": math.inf},
+        {"max_loss_scale": math.nan},
+        {"min_loss_scale": math.nan},
+        {"min_loss_scale": math.inf},
+    ],
+)
+def test_loss_scale_settings_that_cannot_work_are_refused_when_built(
+    kwargs: dict[str, Any],
+) -> None:
+    with pytest.raises(ValueError, match=r"with_apex\(level\): \w+_scale"):
+        ampfn.with_apex("O1", backend="native", **kwargs)
+
+
+def test_o3_with_adams_default_eps_warns_as_16_true_does() -> None:
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), eps=1e-8)
+    with pytest.warns(
+        UserWarning, match=r"with_apex\('O3'\): AdamW has eps=1e-08.*O2"
+    ) as w:
+        ampfn.with_apex("O3", model, opt, backend="native")
+    assert w[0].filename == __file__
+    quiet = mlp()
+    ampfn.with_apex(
+        "O2", quiet, torch.optim.AdamW(quiet.parameters(), eps=1e-8), backend="native"
+    )  # masters: the optimizer works in fp32, no warning (filterwarnings = error)
+
+
+@pytest.mark.parametrize("level", ["O2", "O3"])
+def test_a_refused_composition_leaves_the_model_and_optimizer_as_they_were(
+    level: str,
+) -> None:
+    model = mlp(batchnorm=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    params = list(model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="compose: "):
+        ampfn.compose(
+            ampfn.with_grad_scaling(),
+            ampfn.with_apex(level, model, opt, backend="native"),
+        )
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert list(model.parameters()) == params
+    assert opt.param_groups[0]["params"] == params  # no masters left in the optimizer
+    assert "forward" not in vars(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # retrying as the message advises works, as on a fresh model
+    fresh = mlp(batchnorm=True)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    runs = []
+    for m, o in ((model, opt), (fresh, fresh_opt)):
+        step = ampfn.with_apex(level, m, o, backend="native")(make_step(m, o))
+        for b in batches(3):
+            step(b)
+        runs.append(m)
+    assert params_equal(*runs)
+
+
+def test_a_transform_whose_conversion_was_taken_back_cannot_be_applied() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    o2 = ampfn.with_apex("O2", model, opt, backend="native")
+    with pytest.raises(ValueError, match="two loss-scaling"):
+        ampfn.compose(ampfn.with_grad_scaling(), o2)
+    with pytest.raises(ValueError, match=r"taken back; call with_apex\(\.\.\.\) again"):
+        o2(make_step(model, opt))
+
+
+def test_o2_given_another_models_optimizer_is_refused_before_the_cast() -> None:
+    model, other = mlp(), mlp()
+    opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="holds none of the model's parameters"):
+        ampfn.with_apex("O2", model, opt, backend="native")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, i: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(i))
+
+
+def test_o2_tied_weights_give_the_fp32_master_under_both_names() -> None:
+    torch.manual_seed(0)
+    model = _Tied()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train(i: torch.Tensor) -> None:
+        ampfn.backward(model(i).float().logsumexp(-1).mean())
+        ampfn.step(opt)
+        opt.zero_grad()
+
+    ampfn.with_apex("O2", model, opt, backend="native")(train)(torch.arange(10))
+    state = model.state_dict()
+    master = opt.param_groups[0]["params"][0]
+    assert master.dtype == torch.float32
+    assert torch.equal(state["emb.weight"], master)
+    assert torch.equal(state["head.weight"], master)

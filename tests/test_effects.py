@@ -62,7 +62,8 @@ def test_step_passes_arguments_to_the_optimizer() -> None:
 
 def test_effects_validate_loss_and_optimizer_types() -> None:
     with pytest.raises(
-        TypeError, match=r"ampfn.backward\(loss\): expected a torch.Tensor, got float"
+        TypeError,
+        match=r"ampfn.backward\(loss, \*\*kwargs\): expected the loss as a torch.Tensor, got float",
     ):
         ampfn.backward(1.0)  # type: ignore[arg-type]
     with pytest.raises(
@@ -274,3 +275,59 @@ def test_a_handler_with_state_is_checkpointed() -> None:
     second = ampfn.with_handler(second_counter, name="counter")(lambda: None)
     ampfn.load_state_dict(second, saved)
     assert second_counter.n == 2
+
+
+# --- misuse (issue 20): a bad loss, said by ampfn.backward ---------------------------
+
+_BAD_LOSSES: list[tuple[str, type[Exception], str]] = [
+    ("detached", RuntimeError, r"does not require grad.*with gradients enabled"),
+    ("no_grad", RuntimeError, r"does not require grad.*torch\.no_grad\(\)"),
+    ("integer", TypeError, r"the loss is torch\.int64.*loss\.float\(\)"),
+    ("vector", RuntimeError, r".*3 elements.*loss\.mean\(\)"),
+    ("keyword", TypeError, r"unknown keyword 'retain'.*retain_graph"),
+    ("not a tensor", TypeError, r"expected the loss as a torch\.Tensor, got float"),
+]
+
+
+@pytest.mark.parametrize("pipeline", ["plain", "with_grad_scaling", "O2"])
+@pytest.mark.parametrize(
+    ("bad", "error", "match"), _BAD_LOSSES, ids=[b for b, _, _ in _BAD_LOSSES]
+)
+def test_a_bad_loss_is_refused_by_ampfn_backward_before_anything_changes(
+    pipeline: str, bad: str, error: type[Exception], match: str
+) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    transform: Callable[[Any], Any] = (
+        (lambda f: f)
+        if pipeline == "plain"
+        else ampfn.with_grad_scaling()
+        if pipeline == "with_grad_scaling"
+        else ampfn.with_apex("O2", model, opt, backend="native")
+    )
+    x, y = batches(1)[0]
+
+    def step(_: Any) -> None:
+        loss = F.cross_entropy(model(x).float(), y)
+        if bad == "detached":
+            ampfn.backward(loss.detach())
+        elif bad == "no_grad":
+            with torch.no_grad():
+                ampfn.backward(F.cross_entropy(model(x).float(), y))
+        elif bad == "integer":
+            ampfn.backward(y.sum())
+        elif bad == "vector":
+            ampfn.backward(model(x).float().sum(0))
+        elif bad == "keyword":
+            ampfn.backward(loss, retain=True)
+        else:
+            ampfn.backward(loss.item())  # type: ignore[arg-type]
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(error, match=r"ampfn\.backward\(loss, \*\*kwargs\): .*" + match):
+        transform(step)(None)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)
+    )
+    assert transform(make_step(model, opt))(batches(1)[0])[1]

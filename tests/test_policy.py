@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pytest
@@ -444,3 +445,65 @@ def test_policy_casts_as_jmps_does() -> None:
         ValueError, match=r"output_dtype must be a floating torch\.dtype"
     ):
         p.with_output_dtype(torch.int8)
+
+
+# --- misuse (issue 20) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec", ["p=f32,c=bf16,c=f16", "params=f32,p=f16", "o=f32,output=f16,c=bf16"]
+)
+def test_get_policy_refuses_a_key_given_twice(spec: str) -> None:
+    with pytest.raises(ValueError, match=r"get_policy\(spec\): .* twice; give each"):
+        ampfn.get_policy(spec)
+
+
+@pytest.mark.parametrize(
+    "bad", ["sgd", [torch.optim.SGD(mlp().parameters(), lr=0.1)], 3]
+)
+def test_with_policy_refuses_what_is_not_an_optimizer_before_touching_the_model(
+    bad: Any,
+) -> None:
+    model = mlp()
+    with pytest.raises(TypeError, match=r"with_policy\(.*optimizer must be"):
+        ampfn.with_policy("bf16-true", model, bad, master_weights=True)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shown"),
+    [
+        ({"policy": "16-mixed", "stochastic_rounding": True}, "'16-mixed'"),
+        ({"policy": "16-mixed", "master_weights": True}, "'16-mixed'"),
+        ({"policy": "bf16"}, None),
+    ],
+)
+def test_with_policy_errors_show_the_name_the_user_wrote(
+    kwargs: dict[str, Any], shown: str | None
+) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if shown is None:  # accepted: nothing to show
+        ampfn.with_policy(kwargs.pop("policy"), model, opt, **kwargs)
+        return
+    with pytest.raises(ValueError, match=re.escape(shown)):
+        ampfn.with_policy(kwargs.pop("policy"), model, opt, **kwargs)
+    with pytest.raises(ValueError, match=re.escape("'16-true' casts the model")):
+        ampfn.with_policy("16-true")
+
+
+def test_the_fp16_eps_warning_names_the_user_s_call_site() -> None:
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), eps=1e-8)
+    with pytest.warns(
+        UserWarning, match=r"with_policy\('16-true'\): AdamW has eps=1e-08"
+    ) as w:
+        ampfn.with_policy("16-true", model, opt)
+    assert w[0].filename == __file__
+
+
+@pytest.mark.parametrize("name", ["half", "fp16", "f16", "float16", "bf16", "bfloat16"])
+def test_dtype_names_mean_the_same_in_get_policy_and_with_autocast(name: str) -> None:
+    policy = ampfn.get_policy(name)
+    step = ampfn.with_autocast(name, "cpu")(lambda: torch.get_autocast_dtype("cpu"))
+    assert step() == policy.compute_dtype

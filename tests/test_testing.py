@@ -517,3 +517,90 @@ def test_states_compare_nan_as_equal_and_dtype_as_part_of_the_value() -> None:
     assert first_difference(torch.ones(2), torch.ones(2, dtype=torch.float64))
     assert first_difference(torch.ones(2), torch.ones(1, 2))
     assert first_difference(torch.ones(2, dtype=torch.int64), torch.ones(2)) is not None
+
+
+# --------------------------------------------------------------------------- misuse (issue 20)
+
+CHECKS: list[tuple[str, Callable[..., None]]] = [
+    ("check_matches_reference", testing.check_matches_reference),
+    ("check_never_nonfinite", testing.check_never_nonfinite),
+    ("check_state_roundtrip", testing.check_state_roundtrip),
+    ("check_skips_nonfinite", testing.check_skips_nonfinite),
+]
+SCALED = ampfn.with_grad_scaling(torch.amp.GradScaler("cpu", init_scale=2.0**8))
+
+
+def _one_model() -> Callable[[int], Any]:
+    step, model, opt = make(0)
+    return lambda seed: (step, model, opt)
+
+
+@pytest.mark.parametrize(
+    ("bad_make", "match"),
+    [
+        (
+            lambda seed: make(seed)[:2],
+            r"make must return \(step, model, optimizer\).*a tuple of 2",
+        ),
+        (lambda seed: (*make(seed)[:2], None), r"optimizer make returned .*got None"),
+        (lambda seed: (make(seed)[0], "model", make(seed)[2]), "not an nn.Module"),
+    ],
+    ids=["two values", "optimizer None", "model str"],
+)
+@pytest.mark.parametrize(("api", "check"), CHECKS, ids=[n for n, _ in CHECKS])
+def test_a_make_that_breaks_the_contract_is_a_type_error_naming_make(
+    api: str, check: Callable[..., None], bad_make: Callable[[int], Any], match: str
+) -> None:
+    with pytest.raises(TypeError, match=rf"{api}: .*{match}"):
+        check(bad_make, SCALED, fixed(6))
+
+
+@pytest.mark.parametrize(
+    ("api", "check"), CHECKS[:3:2], ids=[n for n, _ in CHECKS[:3:2]]
+)
+def test_a_make_that_returns_one_model_every_time_is_refused(
+    api: str, check: Callable[..., None]
+) -> None:
+    """Checks that compare two trials (the pipeline with its reference, a run with its
+    resumed twin) would compare the model with itself, and a broken pipeline would pass."""
+    with pytest.raises(TypeError, match=rf"{api}: make returned the same model object"):
+        check(_one_model(), SCALED, fixed(6))
+
+
+def test_a_step_that_changes_the_default_dtype_has_it_restored() -> None:
+    def changing(seed: int) -> Any:
+        step, model, opt = make(seed)
+
+        def wrapped(batch: Any) -> Any:
+            torch.set_default_dtype(torch.float64)
+            return step(batch)
+
+        return wrapped, model, opt
+
+    try:
+        testing.check_never_nonfinite(changing, SCALED, fixed(4), steps=4)
+    finally:
+        dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+    assert dtype == torch.float32
+
+
+def test_an_unreproducible_reference_is_named_instead_of_the_tolerance() -> None:
+    def unseeded(seed: int) -> Any:
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))  # no seed
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+        def step(batch: Any) -> Any:
+            x, y = batch
+            ampfn.backward(F.cross_entropy(model(x).float(), y))
+            ampfn.step(opt)
+            opt.zero_grad(set_to_none=True)
+
+        return step, model, opt
+
+    with pytest.raises(
+        AssertionError, match=r"the fp32 reference is not reproducible.*seed"
+    ):
+        testing.check_matches_reference(unseeded, SCALED, fixed(4), steps=4)
+    # seeded, the same check passes
+    testing.check_matches_reference(make, SCALED, fixed(4), steps=4)

@@ -257,3 +257,105 @@ def test_two_scalers_active_at_once_through_an_opaque_wrapper_are_an_error() -> 
         ValueError, match="two loss-scaling transforms are active in one step"
     ):
         outer()
+
+
+# --- misuse (issue 20) -------------------------------------------------------------
+
+
+def test_a_refused_composition_takes_back_with_policys_cast_and_the_retry_works() -> (
+    None
+):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = list(model.parameters())
+    start = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"master_weights=True"):
+        ampfn.compose(
+            ampfn.with_grad_scaling(), ampfn.with_policy("16-true", model, opt)
+        )
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), start, strict=True)
+    )
+    assert opt.param_groups[0]["params"] == params
+    # as the message advises
+    retry = ampfn.compose(
+        ampfn.with_grad_scaling(),
+        ampfn.with_policy("16-true", model, opt, master_weights=True),
+    )(make_step(model, opt))
+    for b in batches(2):
+        retry(b)
+    assert model[0].weight.dtype == torch.float16
+
+
+def test_a_refusal_when_applied_takes_back_the_outer_transforms_conversion() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaled = ampfn.with_grad_scaling()(make_step(model, opt))
+    with pytest.raises(ValueError, match="two loss-scaling"):
+        ampfn.with_apex("O2", model, opt, backend="native")(scaled)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert opt.param_groups[0]["params"] == list(model.parameters())
+
+
+def test_an_accepted_transform_is_never_taken_back() -> None:
+    """Only a transform that joined no pipeline yet is taken back: one already applied
+    (its wrapped step may have trained) keeps its conversion when a later pipeline that
+    contains it is refused."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    o2 = ampfn.with_apex("O2", model, opt, backend="native")
+    assert o2.undo is not None
+    trained = o2(make_step(model, opt))
+    assert o2.undo is None  # the snapshot (the model's fp32 tensors) is released
+    trained(batches(1)[0])
+    with pytest.raises(ValueError, match="two loss-scaling"):
+        ampfn.compose(ampfn.with_grad_scaling(), o2)
+    assert model[0].weight.dtype == torch.float16
+    trained(batches(1)[0])
+
+
+def _generator_step(batch: Any) -> Any:
+    yield batch
+
+
+async def _async_step(batch: Any) -> Any:
+    return batch
+
+
+async def _async_generator_step(batch: Any) -> Any:
+    yield batch
+
+
+@pytest.mark.parametrize(
+    ("step", "kind"),
+    [
+        (_generator_step, "a generator function"),
+        (_async_step, r"a coroutine function \(async def\)"),
+        (_async_generator_step, "an async generator function"),
+    ],
+)
+def test_a_step_whose_body_runs_later_is_refused_when_applied(
+    step: Callable[..., Any], kind: str
+) -> None:
+    with pytest.raises(
+        TypeError, match=rf"the step is {kind}.*make the step a plain function"
+    ):
+        ampfn.with_grad_scaling()(step)
+
+
+def test_a_refused_composition_takes_back_optimizer_hooks() -> None:
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    hooks = dict(opt._optimizer_load_state_dict_pre_hooks)
+    rounding = ampfn.with_policy("bf16-true", model, opt, stochastic_rounding=True)
+    assert model[0].weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="two precision policies"):
+        ampfn.compose(rounding, ampfn.with_policy("bf16-mixed"))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert dict(opt._optimizer_load_state_dict_pre_hooks) == hooks
+    step = ampfn.with_policy("bf16-true", model, opt, stochastic_rounding=True)(
+        make_step(model, opt)
+    )
+    step(batches(1)[0])
+    opt.load_state_dict(opt.state_dict())  # the retry's own hooks, once

@@ -12,7 +12,7 @@ from ampfn import _distributed as distributed
 from ampfn._apex_backend import apex_amp, apex_transform
 from ampfn._apex_levels import API as _API
 from ampfn._apex_levels import ApexLevel, check_scale_bounds, resolve_level
-from ampfn._args import is_optimizer
+from ampfn._args import is_optimizer, optimizer_params
 from ampfn._autocast_region import check_autocast
 from ampfn._casting import (
     affine_batchnorm,
@@ -23,10 +23,12 @@ from ampfn._casting import (
 )
 from ampfn._grad_scaling import resolve_sync_ranks
 from ampfn._masters import MasterWeights
+from ampfn._policy import warn_fp16_eps
 from ampfn._runtime import default_device_type
 from ampfn._scaling import ApexScaler, GradScalerScaler, LossScale, ScalerBase
 from ampfn._transform import Parts, Transform, factory, precision_tags
 from ampfn._types import Autocast, Fragment, Stateful
+from ampfn._undo import Snapshot
 
 _BACKENDS = ("auto", "native", "apex")
 
@@ -82,6 +84,16 @@ def _check_models(
                     f"{_API}: parameter {name!r} is {p.dtype}; pass the model in float32 (as Apex "
                     "requires), with_apex casts it for the level"
                 )
+    mine = {id(p) for m in models for p in m.parameters()}
+    if changes and not any(
+        id(p) in mine for o in optimizers for p in optimizer_params(o)
+    ):
+        raise ValueError(
+            f"{_API}: the optimizer holds none of the model's parameters (another model's "
+            f"optimizer?), so {props.level} would cast the model and no step would ever move "
+            "it; pass the optimizer built on this model's parameters "
+            "(torch.optim.SGD(model.parameters(), ...))"
+        )
     first = next((p for m in models for p in m.parameters()), None)
     return (
         models,
@@ -146,6 +158,7 @@ def _native(
     half = props.cast_model_type == torch.float16
     keep_bn = affine_batchnorm if props.keep_batchnorm_fp32 else None
     masters = None
+    before = Snapshot(models, optimizers)
     if props.master_weights and half:
         to_master = [p for m in models for p in castable_parameters(m, keep=keep_bn)]
         masters = MasterWeights("with_apex", to_master, optimizers)
@@ -175,6 +188,7 @@ def _native(
             *precision_tags(torch.float16 if half or props.autocast else torch.float32),
         ),
         state=Parts(**parts) if parts else None,
+        undo=before.restore,
     )
 
 
@@ -254,11 +268,18 @@ def with_apex(
 
     Returns:
         A stateful transform; ``ampfn.state_dict`` holds the loss scaler and the masters.
+        If the first pipeline it joins is refused (``compose`` with another loss
+        scaler), the models and optimizers are put back as they were.
+
+    Warns:
+        UserWarning: fp16 weights without masters (O3) and an Adam-family ``eps`` that
+            fp16 flushes to zero, as ``with_policy("16-true")`` warns.
 
     Raises:
         TypeError, ValueError: a bad level, backend, override or model (the message
-            says which); O2/O3 without model and optimizer; overrides Apex forbids; a
-            model already converted by ``with_apex``.
+            says which); O2/O3 without model and optimizer, or with optimizers that
+            hold none of the model's parameters; overrides Apex forbids; a model already
+            converted by ``with_apex``.
         ImportError: ``backend="apex"`` without NVIDIA Apex.
 
     Example:
@@ -283,6 +304,14 @@ def with_apex(
         )
     bounds = check_scale_bounds(min_loss_scale, max_loss_scale)
     models, optimizers, device_type = _check_models(model, optimizer, props, num_losses)
+    if props.cast_model_type == torch.float16 and not props.master_weights:
+        for o in optimizers:  # the user's with_apex call, through ampfn's factory
+            warn_fp16_eps(
+                o,
+                f"with_apex({props.level!r})",
+                "O2 (fp32 master weights: the optimizer then works in fp32)",
+                stacklevel=3,
+            )
     sync_ranks = resolve_sync_ranks(sync_ranks, _API)
     if props.autocast:
         check_autocast(device_type, torch.float16, _API)

@@ -50,8 +50,13 @@ def resolve_level(
         else None
     )
     if props is None:
+        hint = (
+            f" (the level starts with the letter O, not the digit zero: {'O' + level[1:]!r})"
+            if len(level) == 2 and level[0] == "0" and "O" + level[1:] in LEVELS
+            else ""
+        )
         raise ValueError(
-            f"{API}: level must be one of {', '.join(LEVELS)}, got {level!r}"
+            f"{API}: level must be one of {', '.join(LEVELS)}, got {level!r}{hint}"
         )
     if keep_batchnorm_fp32 is not None:
         if not isinstance(keep_batchnorm_fp32, bool):

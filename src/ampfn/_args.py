@@ -29,9 +29,22 @@ def check_optimizer(obj: object, api: str) -> None:
         )
 
 
-def check_loss_id(loss_id: object, api: str = "ampfn.backward(loss, loss_id)") -> int:
+def check_loss_id(
+    loss_id: object,
+    api: str = "ampfn.backward(loss, loss_id)",
+    losses: tuple[str, int] | None = None,
+) -> int:
+    """An int >= 0; below ``losses``' count, where given (the loss scaler's name and its
+    number of losses)."""
     if isinstance(loss_id, bool) or not isinstance(loss_id, int) or loss_id < 0:
         raise ValueError(f"{api}: loss_id must be an int >= 0, got {loss_id!r}")
+    if losses is not None and loss_id >= losses[1]:
+        name, n = losses
+        raise ValueError(
+            f"{api}: loss_id is {loss_id}, but {name} has num_losses={n} (loss ids 0 to "
+            f"{n - 1}); for a loss scale per loss, build "
+            f"with_apex(level, model, optimizer, num_losses={loss_id + 1})"
+        )
     return loss_id
 
 
@@ -45,6 +58,22 @@ def check_module(value: object, api: str, name: str = "model") -> None:
     if not isinstance(value, torch.nn.Module):
         raise TypeError(
             f"{api}: {name} must be an nn.Module, got {type(value).__name__}"
+        )
+
+
+def check_wrapped_step(obj: object, api: str) -> None:
+    """A step wrapped by ampfn transforms (any callable; a plain one has no state), not
+    the model or the optimizer the pipeline was built on."""
+    if isinstance(obj, torch.nn.Module) or is_optimizer(obj):
+        kind = "model" if isinstance(obj, torch.nn.Module) else "optimizer"
+        raise TypeError(
+            f"{api}: expected the wrapped step (what the transforms returned: "
+            f"train_step = transform(step)), got the {kind} {type(obj).__name__}; pass the "
+            "wrapped step, which holds the pipeline's state"
+        )
+    if not callable(obj):
+        raise TypeError(
+            f"{api}: expected a step wrapped by ampfn transforms, got {type(obj).__name__}"
         )
 
 

@@ -9,16 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, cast
 
+from ampfn._args import check_wrapped_step
 from ampfn._transform import States
 
 _API = "ampfn.load_state_dict(wrapped_step, state)"
 
 
 def _states(wrapped_step: Callable[..., Any], api: str) -> States:
-    if not callable(wrapped_step):
-        raise TypeError(
-            f"{api}: expected a step wrapped by ampfn transforms, got {type(wrapped_step).__name__}"
-        )
+    check_wrapped_step(wrapped_step, api)
     return cast(States, getattr(wrapped_step, "__ampfn_states__", ()))
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ampfn._args import check_loss_id, check_optimizer
+from ampfn._engine import check_loss
 from ampfn._guard import torch_clip_grad_norm_
 from ampfn._runtime import local
 from ampfn._types import Optimizer, Params
@@ -34,7 +35,10 @@ def backward(loss: torch.Tensor, **kwargs: Any) -> None:
             has its own scaler there; elsewhere it is checked and has no effect).
 
     Raises:
-        TypeError: ``loss`` is not a tensor.
+        TypeError: ``loss`` is not a floating tensor, or an unknown keyword.
+        RuntimeError: ``loss`` needs no gradient (detached, computed under
+            ``torch.no_grad()``), or has more than one element and no ``gradient=``;
+            checked before anything runs, with the fix in the message.
 
     Example:
         >>> import torch, ampfn
@@ -45,12 +49,9 @@ def backward(loss: torch.Tensor, **kwargs: Any) -> None:
     """
     call = getattr(local, "call", None)
     if call is None:
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(
-                f"ampfn.backward(loss): expected a torch.Tensor, got {type(loss).__name__}"
-            )
         if kwargs and "loss_id" in kwargs:
             check_loss_id(kwargs.pop("loss_id"))
+        check_loss(loss, kwargs)
         loss.backward(**kwargs)  # type: ignore[no-untyped-call]
         return
     call.plan.backward(loss, kwargs)

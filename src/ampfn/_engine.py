@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ampfn._args import check_loss_id
-from ampfn._guard import torch_clip_grad_norm_
+from ampfn._guard import install, torch_clip_grad_norm_
 from ampfn._runtime import local, without_autocast
 from ampfn._types import (
     Call,
@@ -108,6 +108,7 @@ class Engine:
 
     __slots__ = (
         "after_step",
+        "losses",
         "masters",
         "observers",
         "off",
@@ -146,9 +147,17 @@ class Engine:
             f.observer for f in fragments if f.observer is not None
         )
         self.unit_scale = any(f.unit_scale for f in fragments)
+        # the scaler's name and number of losses, which loss ids must stay below
+        self.losses: tuple[str, int] | None = (
+            None
+            if self.scaling is None
+            else (self.scaling.api, getattr(self.scaling, "num_losses", 1))
+        )
         # the transform whose work surrounds optimizer.step: only ampfn.step may step then
         owners = [f.name for f in fragments if f.scaling or f.masters or f.rounding]
         self.owner: str | None = owners[0] if owners else None
+        if self.owner is not None:
+            install()  # the guards on torch's own step and clipping (ampfn._guard)
         self.plain_step = not (
             self.scaling
             or self.masters
@@ -179,7 +188,11 @@ class Engine:
     # --- backward and grad ---------------------------------------------------------
 
     def backward(self, loss: torch.Tensor, kwargs: Kwargs) -> None:
-        loss_id = check_loss_id(kwargs.pop("loss_id")) if "loss_id" in kwargs else 0
+        loss_id = (
+            check_loss_id(kwargs.pop("loss_id"), losses=self.losses)
+            if "loss_id" in kwargs
+            else 0
+        )
         check_loss(loss, kwargs)
         without_autocast(self.off, self._backward, local.call, loss, loss_id, kwargs)
 
@@ -202,7 +215,9 @@ class Engine:
     def grad(self, outputs: Any, inputs: Any, kwargs: Kwargs) -> Grads:
         api = "ampfn.grad(outputs, inputs, loss_id)"
         loss_id = (
-            check_loss_id(kwargs.pop("loss_id"), api) if "loss_id" in kwargs else 0
+            check_loss_id(kwargs.pop("loss_id"), api, self.losses)
+            if "loss_id" in kwargs
+            else 0
         )
         sc = self.scaling
         if sc is None:

@@ -1,8 +1,8 @@
 """Layer 3, mechanism: the guards that catch torch calls made where ampfn's effects belong.
 
-Installed once per process, by the first transform that owns the step (loss scaling,
-master weights, stochastic rounding), and free outside a wrapped step but for one
-thread-local read:
+Installed once per process, by the first pipeline whose plan owns the step (loss
+scaling, master weights, stochastic rounding: ``ampfn._engine.Engine``), and free
+outside a wrapped step but for one thread-local read:
 
 - **The step guard**, an optimizer step pre-hook for every optimizer
   (``register_optimizer_step_pre_hook``). Inside a call whose plan owns the step, only
@@ -15,7 +15,9 @@ thread-local read:
   scaling, clipping gradients that are still multiplied by the loss scale is refused
   (the norm would be the scale times too large, and the update that much too small);
   after ``ampfn.unscale_(optimizer)`` torch's clipping is fine, as in PyTorch's AMP
-  recipe. ``ampfn.clip_grad_norm_`` calls torch's own function, unwrapped.
+  recipe. Under fp32 master weights torch's clipping acts on the masters' gradients
+  (the model's own have moved there). ``ampfn.clip_grad_norm_`` calls torch's own
+  function, unwrapped.
 
 :func:`guard_suspended` removes both for a while (benchmarks/ times hand-written loops
 exactly as they run in a process that never imported ampfn).
@@ -78,14 +80,17 @@ def _clip_guard(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     def clip(parameters: Any, *args: Any, **kwargs: Any) -> Any:
         call = getattr(local, "call", None)
         if call is not None:
-            sc = call.plan.engine.scaling
-            if sc is not None:
+            engine = call.plan.engine
+            sc = engine.scaling
+            if sc is not None or engine.masters:
                 params = (
                     [parameters]
                     if isinstance(parameters, torch.Tensor)
                     else list(parameters)
                 )
-                if not sc.true_gradients(call.scaling, params):
+                for m in engine.masters:  # the gradients are on the fp32 masters
+                    params = m.clip_params(params)
+                if sc is not None and not sc.true_gradients(call.scaling, params):
                     raise RuntimeError(
                         f"torch.nn.utils.{name} inside a step wrapped by {sc.api}: the "
                         "gradients are still multiplied by the loss scale, so the norm it "

@@ -11,6 +11,7 @@ strings.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ _FP8 = {
         "compose(with_grad_scaling(), with_autocast('fp16'), with_float8(model))"
     ),
 }
+_FIELDS = ("params", "compute", "output")
 _KEYS = {"params": 0, "p": 0, "compute": 1, "c": 1, "output": 2, "o": 2}
 # the names fsdp_mixed_precision takes
 _FSDP_NAMES = ("bf16-mixed", "16-mixed", "bf16-true", "32-true")
@@ -101,6 +103,27 @@ class Policy:
             f"params={_name(self.param_dtype)},compute={_name(self.compute_dtype)},"
             f"output={_name(self.output_dtype)}"
         )
+
+
+def warn_fp16_eps(optimizer: Any, api: str, fix: str, stacklevel: int) -> None:
+    """An Adam-family ``eps`` below fp16's smallest normal number, in an optimizer that
+    steps fp16 weights (no fp32 masters), rounds to (nearly) zero: a near-zero second
+    moment then divides by ~0 and the update is inf or NaN. Warn, naming the fix."""
+    tiny = torch.finfo(
+        torch.float16
+    ).tiny  # below it fp16 loses precision, then flushes
+    for group in optimizer.param_groups:
+        eps = group.get("eps")
+        if isinstance(eps, float) and 0 < eps < tiny:
+            warnings.warn(
+                f"{api}: {type(optimizer).__name__} has eps={eps:g}, below fp16's smallest "
+                f"normal number ({tiny:.1e}); in fp16 it rounds to "
+                f"{float(torch.tensor(eps).half()):g}, and a near-zero second moment then "
+                f"gives inf or NaN updates. Use eps=1e-4 or more, or {fix}",
+                UserWarning,
+                stacklevel=stacklevel + 1,
+            )
+            return
 
 
 def _dtype(name: str, spec: str) -> torch.dtype:
@@ -164,13 +187,22 @@ def get_policy(spec: Any) -> Policy:
             "a jmp string such as 'params=float32,compute=bfloat16,output=float32', or a dtype name"
         )
     found: list[torch.dtype | None] = [None, None, None]
+    given = [False, False, False]
     for part in spec.split(","):
         key, _, value = part.strip().partition("=")
-        if key.strip() not in _KEYS:
+        key = key.strip()
+        if key not in _KEYS:
             raise ValueError(
-                f"get_policy(spec): unknown key {key.strip()!r} in {spec!r}; valid: {', '.join(_KEYS)}"
+                f"get_policy(spec): unknown key {key!r} in {spec!r}; valid: {', '.join(_KEYS)}"
             )
-        found[_KEYS[key.strip()]] = _dtype(value.strip(), spec)
+        i = _KEYS[key]
+        if given[i]:
+            raise ValueError(
+                f"get_policy(spec): {spec!r} sets {_FIELDS[i]} twice; give each of params, "
+                "compute and output at most once"
+            )
+        given[i] = True
+        found[i] = _dtype(value.strip(), spec)
     params = found[0] or torch.float32
     compute = found[1] or params
     return Policy(params, compute, found[2] or compute)

@@ -38,7 +38,8 @@ class Parts:
         if not isinstance(state, dict) or set(state) != set(self.parts):
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(
-                f"ampfn.load_state_dict: expected the parts {sorted(self.parts)}, got {got}"
+                f"expected the parts {sorted(self.parts)}, got {got} (saved from another "
+                "level or configuration?)"
             )
         for name, part in self.parts.items():
             part.check_state(state[name])
@@ -126,7 +127,7 @@ class Transform:
     keeps working the same way as its own layer.
     """
 
-    __slots__ = ("_wrap", "fragment", "name", "state", "tags")
+    __slots__ = ("_wrap", "fragment", "name", "state", "tags", "undo")
 
     def __init__(
         self,
@@ -137,6 +138,7 @@ class Transform:
         state: Stateful | None = None,
         fragment: Fragment | None = None,
         handler: Handler | None = None,
+        undo: Callable[[], None] | None = None,
     ) -> None:
         if handler is not None:
             fragment = Fragment(name, handler=handler)
@@ -149,6 +151,9 @@ class Transform:
         self.fragment = fragment
         self.tags: Tags = tuple((t, name) for t in tags)
         self.state = state
+        # what the factory did to models and optimizers, taken back if the first
+        # pipeline it joins is refused (refuse_on_conflict); released once accepted
+        self.undo = undo
 
     def __call__(self, step: Callable[P, R]) -> Callable[P, R]:
         if getattr(step, "__ampfn_factory__", False):
@@ -167,8 +172,14 @@ class Transform:
                 "scaling; make the step a plain function (call it inside your loop or "
                 "coroutine)"
             )
+        if self.undo is _UNDONE:
+            raise ValueError(
+                f"{self.name}: this transform was part of a pipeline that was refused, and "
+                "what it did to the model and optimizer was taken back; call "
+                f"{self.name}(...) again with the model and optimizer"
+            )
         inner_tags: Tags = getattr(step, "__ampfn_tags__", ())
-        check_tags(self.tags + inner_tags)
+        refuse_on_conflict((self,), self.tags + inner_tags)
         layer: Layer | None = None
         if self.fragment is not None:
             inner: Layer | None = getattr(step, "__ampfn_layer__", None)
@@ -193,10 +204,34 @@ class Transform:
         inner_parts: tuple[Fragment, ...] = getattr(step, "__ampfn_parts__", ())
         own_parts = (self.fragment,) if self.fragment is not None else ()
         wrapped.__ampfn_parts__ = own_parts + inner_parts  # type: ignore[attr-defined]
+        self.undo = None  # accepted: nothing to take back, release the snapshot
         return cast(Callable[P, R], wrapped)
 
     def __repr__(self) -> str:
         return f"<ampfn transform {self.name}>"
+
+
+def _UNDONE() -> None:  # the undo of a transform already taken back
+    pass
+
+
+def refuse_on_conflict(transforms: Iterable[object], tags: Tags) -> None:
+    """``check_tags``; if the pipeline is refused, first take back what the factories of
+    ``transforms`` that joined no pipeline yet did to models and optimizers (casts,
+    masters), so that retrying as the message advises starts from the user's own
+    fp32 model."""
+    try:
+        check_tags(tags)
+    except ValueError:
+        for t in transforms:
+            if (
+                isinstance(t, Transform)
+                and t.undo is not None
+                and t.undo is not _UNDONE
+            ):
+                t.undo()
+                t.undo = _UNDONE
+        raise
 
 
 def _lazy_kind(step: Callable[..., Any]) -> str | None:
@@ -294,7 +329,9 @@ def compose(
 
     Raises:
         TypeError: a transform is not callable (the message names its position).
-        ValueError: the pipeline combines transforms that exclude each other.
+        ValueError: the pipeline combines transforms that exclude each other; what the
+            factories of its transforms did to models and optimizers (``with_policy``'s
+            and ``with_apex``'s casts and masters) is taken back first.
 
     Example:
         >>> import torch, ampfn
@@ -313,7 +350,9 @@ def compose(
                 f"compose(*transforms): transform at position {i} is not callable: {t!r}"
             )
         flat.extend(t.transforms if isinstance(t, Pipeline) else (t,))
-    check_tags(tuple(tag for t in flat if isinstance(t, Transform) for tag in t.tags))
+    refuse_on_conflict(
+        flat, tuple(tag for t in flat if isinstance(t, Transform) for tag in t.tags)
+    )
     return Pipeline(tuple(flat))
 
 

@@ -7,12 +7,12 @@ rounding as remedies for the updates low-precision weights lose.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from ampfn._args import is_optimizer
 from ampfn._autocast_region import autocast_fragment, check_autocast
 from ampfn._casting import (
     cast_module,
@@ -23,36 +23,32 @@ from ampfn._casting import (
 )
 from ampfn._grad_scaling import with_grad_scaling
 from ampfn._masters import MasterWeights
-from ampfn._policy import Policy, get_policy
+from ampfn._policy import Policy, get_policy, warn_fp16_eps
 from ampfn._rounding import StochasticRounding
 from ampfn._runtime import default_device_type
 from ampfn._transform import Parts, Transform, compose, factory, precision_tags
 from ampfn._types import Fragment, Stateful
+from ampfn._undo import Snapshot
 
 
-def _check_eps(optimizer: Any, policy: Policy, master_weights: bool) -> None:
+def _check_eps(
+    optimizer: Any, policy: Policy, master_weights: bool, shown: str
+) -> None:
     """16-true with an Adam-family eps that fp16 rounds to zero divides by ~0 (NaNs)."""
     if policy.param_dtype != torch.float16 or master_weights or optimizer is None:
         return
-    tiny = torch.finfo(
-        torch.float16
-    ).tiny  # below it fp16 loses precision, then flushes
-    for group in optimizer.param_groups:
-        eps = group.get("eps")
-        if isinstance(eps, float) and 0 < eps < tiny:
-            warnings.warn(
-                f"with_policy('16-true'): {type(optimizer).__name__} has eps={eps:g}, below fp16's "
-                f"smallest normal number ({tiny:.1e}); in fp16 it rounds to {float(torch.tensor(eps).half()):g}, "
-                "and a near-zero second moment then gives inf or NaN updates. Use eps=1e-4 or more, "
-                "or master_weights=True (the optimizer then works in fp32)",
-                UserWarning,
-                stacklevel=4,  # the user's with_policy call (through ampfn's factory)
-            )
-            return
+    # the user's with_policy call, through ampfn's factory
+    warn_fp16_eps(
+        optimizer,
+        f"with_policy({shown})",
+        "master_weights=True (the optimizer then works in fp32)",
+        stacklevel=4,
+    )
 
 
 def _check_args(
     policy: Policy,
+    shown: str,
     model: Any,
     optimizer: Any,
     master_weights: object,
@@ -74,6 +70,12 @@ def _check_args(
         raise TypeError(
             f"{api}: model must be an nn.Module, got {type(model).__name__}"
         )
+    if optimizer is not None and not is_optimizer(optimizer):
+        raise TypeError(
+            f"{api}: optimizer must be the model's torch.optim.Optimizer (one, built on "
+            "model.parameters()), got "
+            f"{type(optimizer).__name__} {optimizer!r}"[:300]
+        )
     if master_weights and stochastic_rounding:
         raise ValueError(
             f"{api}: master_weights and stochastic_rounding both keep small updates; choose one "
@@ -83,12 +85,14 @@ def _check_args(
         policy.is_true and policy.param_dtype == torch.bfloat16
     ):
         raise ValueError(
-            f"{api}: stochastic_rounding rounds into bfloat16 weights, and {policy} keeps {policy.param_dtype}"
+            f"{api}: stochastic_rounding rounds into bfloat16 weights, and {shown} keeps {policy.param_dtype}; "
+            "use 'bf16-true'"
         )
     if (master_weights or stochastic_rounding) and not policy.is_true:
         raise ValueError(
             f"{api}: master_weights and stochastic_rounding are for true policies, whose weights "
-            f"are low precision; {policy} is mixed (its weights stay float32)"
+            f"are low precision; {shown} is mixed (its weights stay float32); drop the remedy, or "
+            "use a true policy ('bf16-true', '16-true')"
         )
     if (master_weights or stochastic_rounding) and (optimizer is None or model is None):
         raise ValueError(
@@ -96,7 +100,7 @@ def _check_args(
         )
     if policy.is_true and policy.param_dtype != torch.float32 and model is None:
         raise ValueError(
-            f"{api}: {policy} casts the model to {policy.param_dtype} once, so it needs it: "
+            f"{api}: {shown} casts the model to {policy.param_dtype} once, so it needs it: "
             "with_policy(policy, model, optimizer)"
         )
 
@@ -173,13 +177,15 @@ def with_policy(
             None: for fp16 params (as Apex O2), not for bf16 or fp64.
 
     Returns:
-        A transform (stateful with master weights or stochastic rounding).
+        A transform (stateful with master weights or stochastic rounding). If the first
+        pipeline it joins is refused (fp16 weights without masters under
+        ``with_grad_scaling``), the model and optimizer are put back as they were.
 
     Raises:
         ValueError: a bad policy, a true half or fp64 policy without ``model``, both
             remedies, stochastic rounding of anything but bf16 weights, a remedy without
             the model and optimizer.
-        TypeError: arguments of the wrong type.
+        TypeError: arguments of the wrong type (an ``optimizer`` that is not one).
 
     Warns:
         UserWarning: "16-true" with an Adam-family ``eps`` that fp16 flushes to zero.
@@ -192,14 +198,21 @@ def with_policy(
         >>> model.weight.dtype, step(torch.randn(3, 4)).dtype
         (torch.bfloat16, torch.float32)
     """
+    shown = repr(policy) if isinstance(policy, (str, int)) else str(policy)
     policy = get_policy(policy)
     _check_args(
-        policy, model, optimizer, master_weights, stochastic_rounding, keep_norm_fp32
+        policy,
+        shown,
+        model,
+        optimizer,
+        master_weights,
+        stochastic_rounding,
+        keep_norm_fp32,
     )
     if policy.is_mixed:
         return _mixed(policy, model)
     param = policy.param_dtype
-    _check_eps(optimizer, policy, master_weights)
+    _check_eps(optimizer, policy, master_weights, shown)
     if model is None:  # 32-true: nothing to do
         return Transform(
             "with_policy",
@@ -216,6 +229,7 @@ def with_policy(
     keep_fn = is_norm if keep else None
     parts: dict[str, Stateful] = {}
     masters = rounding = None
+    before = Snapshot([model], [optimizer] if optimizer is not None else [])
     if master_weights:
         masters = MasterWeights(
             "with_policy", castable_parameters(model, keep=keep_fn), [optimizer]
@@ -237,4 +251,5 @@ def with_policy(
         fragment=Fragment("with_policy", masters=masters, rounding=rounding),
         tags=tags,
         state=Parts(**parts) if parts else None,
+        undo=before.restore,
     )

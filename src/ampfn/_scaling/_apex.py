@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ampfn import _distributed as distributed
-from ampfn._args import optimizer_params
+from ampfn._args import check_loss_id, optimizer_params
 from ampfn._scaling._base import ScalerBase, ScalingCall
 from ampfn._scaling._kernels import times, unscale_grads
 from ampfn._scaling._misuse import check_step, refuse_closure
@@ -104,6 +104,7 @@ class ApexScaler(ScalerBase):
     ) -> None:
         super().__init__(api, sync_ranks, optimizers)
         self.scales = scales
+        self.num_losses = len(scales)
         self.optimizers = optimizers
         self.dynamic = any(s.dynamic for s in scales)
         self.overflow = torch.zeros(
@@ -140,11 +141,7 @@ class ApexScaler(ScalerBase):
         return float(self._loss(loss_id).scale)
 
     def _loss(self, loss_id: int) -> LossScale:
-        if loss_id >= len(self.scales):
-            raise ValueError(
-                f"ampfn.backward(loss, loss_id): loss_id is {loss_id}, but {self.api} has "
-                f"num_losses={len(self.scales)} (loss ids 0 to {len(self.scales) - 1})"
-            )
+        check_loss_id(loss_id, losses=(self.api, len(self.scales)))
         return self.scales[loss_id]
 
     def _params(self) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 
 from ampfn import _distributed as distributed
 from ampfn._args import grads_of, optimizer_params
-from ampfn._guard import LEFT_BEHIND, install
+from ampfn._guard import LEFT_BEHIND
 from ampfn._scaling._misuse import (
     BACKWARD_AFTER_UNSCALE,
     LeftScaled,
@@ -119,7 +119,6 @@ class ScalerBase(ABC):
         self._left = LeftScaled(api)
         self._lock = threading.Lock()
         self._owner: int | None = None
-        install()
 
     # --- what each scaler implements (``ampfn._types.Scaler``, ``Stateful``) --------
 

@@ -31,11 +31,17 @@ def unscale_grads(
     grads: list[torch.Tensor], inv_scale: torch.Tensor, found: torch.Tensor
 ) -> None:
     """Multiply ``grads`` by ``inv_scale`` in place, setting ``found`` to 1 where any is
-    inf or NaN, grouped by device and dtype as GradScaler does."""
+    inf or NaN, grouped by device and dtype as GradScaler does.
+
+    A sparse gradient is unscaled in its own values, coalesced or not. (GradScaler
+    coalesces an fp16 one first and puts the result in ``param.grad``; here only the
+    gradient is at hand, and unscaling a coalesced copy would leave the gradient itself
+    scaled. Unscaled before they are summed, duplicate entries cannot overflow by the
+    scale either.)"""
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for g in grads:
         if g.is_sparse:
-            g = (g.coalesce() if g.dtype is torch.float16 else g)._values()
+            g = g._values()
         key = (g.device, g.dtype)
         if key not in groups:
             groups[key] = []

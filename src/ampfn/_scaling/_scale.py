@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ampfn._args import check_loss_id
+from ampfn._args import check_loss_id, check_wrapped_step
 from ampfn._types import Fragment, Scaler
 
 
@@ -47,10 +47,7 @@ def loss_scale(wrapped_step: Callable[..., Any], loss_id: int = 0) -> float | No
         True
     """
     api = "ampfn.loss_scale(wrapped_step, loss_id)"
-    if not callable(wrapped_step):
-        raise TypeError(
-            f"{api}: expected a step wrapped by ampfn transforms, got {type(wrapped_step).__name__}"
-        )
+    check_wrapped_step(wrapped_step, api)
     check_loss_id(loss_id, api)
     parts: tuple[Fragment, ...] = getattr(wrapped_step, "__ampfn_parts__", ())
     scaler = next((f.scaling for f in parts if f.scaling is not None), None)

@@ -69,7 +69,9 @@ def check_scaler_state(state: object) -> None:
     """A ``GradScaler.state_dict()`` (``{}`` for a disabled scaler)."""
     if not isinstance(state, dict):
         raise TypeError(
-            f"expected a GradScaler state (a dict), got {type(state).__name__}"
+            "expected a GradScaler state (GradScaler.state_dict(), under 'scaler'), got "
+            f"{type(state).__name__}: was the state saved from a pipeline with another "
+            "loss scaler (another level, or another num_losses)?"
         )
     if not state:
         return

@@ -69,7 +69,7 @@ def check_skips_nonfinite(
     off after a step with any non-finite gradient and otherwise follow GradScaler's
     growth law. After the last poisoned step, ``resume_steps`` clean steps must run.
     """
-    validate(
+    make = validate(
         "check_skips_nonfinite",
         make,
         transform,
@@ -192,7 +192,7 @@ def check_matches_reference(
     this part off.
     """
 
-    validate("check_matches_reference", make, transform, steps=steps)
+    make = validate("check_matches_reference", make, transform, steps=steps)
     if update_rtol is not None and (
         isinstance(update_rtol, bool)
         or not isinstance(update_rtol, numbers.Real)
@@ -207,10 +207,11 @@ def check_matches_reference(
         start = {
             k: t.detach().float().clone() for k, t in _stepped(ref.named_tensors())
         }
-        skipped = 0
+        skipped, took_each = 0, []
         for batch in drawn[:steps]:
             took = all(stepped for _, stepped in trial.run(batch))
             skipped += not took
+            took_each.append(took)
             ref.run(batch, skip=not took)
         dtype = compute_dtype(trial.pipeline)
         tol = default_tolerance(dtype, steps)
@@ -231,6 +232,7 @@ def check_matches_reference(
             if rank > 0 and (worst is None or rank > worst[0]):
                 worst = (rank, name, err.max().item())
         if worst is not None:
+            _check_reproducible(make, seed, drawn[:steps], took_each, reference)
             raise AssertionError(
                 f"check_matches_reference: after {steps} steps ({skipped} skipped) parameter {worst[1]!r} is "
                 f"{worst[2]:.3g} away from the fp32 reference, beyond {how}"
@@ -249,6 +251,7 @@ def check_matches_reference(
         bound = min(4 * tol, 0.5) if update_rtol is None else update_rtol
         allowed = bound * math.sqrt(moved) + math.sqrt(rounding)
         if moved > 0 and not math.sqrt(off) <= allowed:
+            _check_reproducible(make, seed, drawn[:steps], took_each, reference)
             raise AssertionError(
                 f"check_matches_reference: after {steps} steps ({skipped} skipped) the parameters "
                 f"are {math.sqrt(off):.3g} (in norm) away from the fp32 reference, which moved "
@@ -258,6 +261,34 @@ def check_matches_reference(
             )
 
     for_each_example(prop, batches, steps, settings, shrink)
+
+
+def _check_reproducible(
+    make: Make,
+    seed: int,
+    drawn: list[Any],
+    took: list[bool],
+    reference: dict[str, torch.Tensor],
+) -> None:
+    """Before blaming the tolerance: run the fp32 reference again; if it differs from the
+    first run, the reference itself is not reproducible, and that is the cause."""
+    again = Trial(make, None, seed)
+    for batch, stepped in zip(drawn, took, strict=True):
+        again.run(batch, skip=not stepped)
+    diff = first_difference(
+        {k: t.detach() for k, t in reference.items()},
+        {k: t.detach() for k, t in again.named_tensors().items()},
+        "parameter",
+    )
+    if diff is not None:
+        raise AssertionError(
+            "check_matches_reference: the fp32 reference is not reproducible: two runs of "
+            "make(seed) and the unwrapped step on the same batches differ "
+            f"({diff[:200]}); make must seed everything it draws (torch.manual_seed(seed) "
+            "before building the model), and the step must not draw from the global RNG "
+            "(dropout: seed it per step, or use a torch.Generator made in make), or the "
+            "comparison with the pipeline means nothing"
+        )
 
 
 def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -285,7 +316,7 @@ def check_never_nonfinite(
 ) -> None:
     """No parameter (model or optimizer's) ever becomes inf or NaN, whatever the batches."""
 
-    validate("check_never_nonfinite", make, transform, steps=steps)
+    make = validate("check_never_nonfinite", make, transform, steps=steps)
 
     def prop(drawn: list[Any]) -> None:
         trial = Trial(make, transform, seed)
@@ -316,7 +347,9 @@ def check_state_roundtrip(
 ) -> None:
     """``ampfn.state_dict`` saved after ``save_at`` steps and loaded into a fresh trial
     (with the model's and optimizers' own state dicts) continues identically to ``steps``."""
-    validate("check_state_roundtrip", make, transform, save_at=save_at, steps=steps)
+    make = validate(
+        "check_state_roundtrip", make, transform, save_at=save_at, steps=steps
+    )
     if not 0 <= save_at <= steps:
         raise ValueError(
             f"check_state_roundtrip: save_at must be in [0, steps], got {save_at} of {steps}"

@@ -49,7 +49,7 @@ def check_ranks_agree(
             out of range.
     """
     api = "check_ranks_agree"
-    validate(
+    make = validate(
         api, make, transform, steps=steps, poison_rank=poison_rank, poison_at=poison_at
     )
     dist = torch.distributed

@@ -4,16 +4,19 @@ running a property once per hypothesis example or once on given batches."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import hypothesis
 import torch
 from hypothesis import strategies as st
 
+from ampfn._args import is_optimizer
 from ampfn._transform import Transform
 from ampfn._types import Handler
 from ampfn.testing._strategies import TrialPipeline
@@ -111,6 +114,70 @@ class Probe(Handler):
         return result
 
 
+_CONTRACT = "make(seed) -> (step, model, optimizer)"
+
+
+class Maker:
+    """A user's ``make``, checked: each call returns ``(step, model, optimizer)`` with a
+    model no earlier call of this check returned (trials must be independent: a ``make``
+    that hands out one model compares the pipeline with itself), and leaves the default
+    dtype as it was."""
+
+    __slots__ = ("api", "make", "seen")
+
+    def __init__(self, api: str, make: Callable[[int], Any]) -> None:
+        self.api, self.make = api, make
+        self.seen: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+    def __call__(self, seed: int) -> tuple[Callable[[Any], Any], torch.nn.Module, Any]:
+        with default_dtype_kept():
+            made = self.make(seed)
+        if not isinstance(made, tuple) or len(made) != 3:
+            got = (
+                f"a tuple of {len(made)}"
+                if isinstance(made, tuple)
+                else type(made).__name__
+            )
+            raise TypeError(
+                f"{self.api}: make must return (step, model, optimizer) ({_CONTRACT}), got {got}"
+            )
+        step, model, optimizer = made
+        optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+        if not callable(step):
+            raise TypeError(
+                f"{self.api}: the step make returned is not callable ({_CONTRACT}), got "
+                f"{type(step).__name__}"
+            )
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"{self.api}: the model make returned is not an nn.Module ({_CONTRACT}), "
+                f"got {type(model).__name__}"
+            )
+        if not optimizers or not all(is_optimizer(o) for o in optimizers):
+            raise TypeError(
+                f"{self.api}: the optimizer make returned is not a torch.optim.Optimizer or "
+                f"a list of them ({_CONTRACT}), got {optimizer!r}"[:300]
+            )
+        if model in self.seen:
+            raise TypeError(
+                f"{self.api}: make returned the same model object as an earlier call, so the "
+                "check would compare the pipeline with itself; build a fresh model, optimizer "
+                "and step in every call of make(seed)"
+            )
+        self.seen.add(model)
+        return step, model, optimizer
+
+
+@contextlib.contextmanager
+def default_dtype_kept() -> Iterator[None]:
+    """Whatever the user's code does to ``torch.get_default_dtype()``, restore it."""
+    dtype = torch.get_default_dtype()
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+
+
 class Trial:
     def __init__(self, make: Make, transform: Any, seed: int) -> None:
         step, self.model, optimizer = make(seed)
@@ -138,7 +205,8 @@ class Trial:
             set(),
             [],
         )
-        self.step(batch)
+        with default_dtype_kept():
+            self.step(batch)
         return probe.results
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
@@ -164,8 +232,9 @@ class Trial:
         }
 
 
-def validate(api: str, make: object, transform: object, **counts: int) -> None:
-    """Eager checks shared by every check: the contract's types and positive counts."""
+def validate(api: str, make: object, transform: object, **counts: int) -> Maker:
+    """Eager checks shared by every check: the contract's types and positive counts.
+    Returns ``make``, checked at each call (:class:`Maker`)."""
     if not callable(make):
         raise TypeError(
             f"{api}: make must be a function make(seed) -> (step, model, optimizer), got {type(make).__name__}"
@@ -178,6 +247,7 @@ def validate(api: str, make: object, transform: object, **counts: int) -> None:
         least = 1 if name == "steps" else 0
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{api}: {name} must be an int >= {least}, got {value!r}")
+    return Maker(api, make)
 
 
 def for_each_example(
