@@ -668,3 +668,221 @@ def test_scale_will_not_overflow(sync: bool) -> None:
     step((x, y))
     assert math.isfinite(scaler.get_scale())
     assert scaler.get_scale() == torch.tensor(1e38).item()
+
+
+def layouts(inject: int, bad: float) -> list[torch.Tensor]:
+    """``test_grad_scaling_unscale``'s layouts of 4.0-filled gradients: contiguous, a
+    transpose (dense, not contiguous), and column slices (neither), with ``bad`` written
+    into gradient ``inject`` (none where negative)."""
+    g = torch.full((20, 20), 4.0)
+    grads = [g.clone(), g.clone().t(), torch.full((20, 40), 4.0)[:, :20], g.clone()]
+    if inject >= 0:
+        grads[inject][2, 2] = bad
+    return grads
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "sync-free"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("inject", [-1, 0, 1, 2, 3])
+def test_unscale_finds_inf_and_nan_in_any_gradient_layout(
+    inject: int, bad: float, sync: bool
+) -> None:
+    """``test_grad_scaling_unscale``: gradients of every layout are unscaled (4 * 1/4 =
+    1), and an inf or NaN in any of them is found: the step skips."""
+    params = [nn.Parameter(torch.zeros(20, 20)) for _ in range(4)]
+    opt = torch.optim.SGD(params, lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    seen: list[torch.Tensor] = []
+
+    @ampfn.with_grad_scaling(scaler, sync=sync)
+    def step(_: Any) -> Any:
+        ampfn.backward(sum(p.sum() for p in params))  # type: ignore[arg-type]
+        for p, g in zip(params, layouts(inject, bad), strict=True):
+            p.grad = g
+        ampfn.unscale_(opt)
+        seen.extend(p.grad.clone() for p in params if p.grad is not None)
+        return ampfn.step(opt)
+
+    stepped = as_bool(step(None))
+    assert stepped is (inject < 0)
+    if inject < 0:
+        for g in seen:
+            assert torch.equal(g, torch.ones(20, 20))
+        assert all(torch.equal(p, -torch.ones(20, 20)) for p in params)
+    else:
+        assert all(torch.equal(p, torch.zeros(20, 20)) for p in params)
+    assert scaler.get_scale() == (4.0 if inject < 0 else 2.0)
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "sync-free"])
+def test_fp16_gradients_are_refused_as_grad_scaler_refuses_them(sync: bool) -> None:
+    """``test_grad_scaling_unscale``'s "perfect storm" mixes fp16 gradients into
+    ``GradScaler._unscale_grads_(..., allow_fp16=True)``; GradScaler's public
+    ``unscale_`` refuses them ("Attempting to unscale FP16 gradients"), and so does
+    ``with_grad_scaling``, before anything is stepped."""
+    p16 = nn.Parameter(torch.ones(4, dtype=torch.float16))
+    p32 = nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p32, p16], lr=1.0)
+    hand = torch.amp.GradScaler("cpu")
+    hand.scale(p32.sum() + p16.float().sum()).backward()
+    with pytest.raises(ValueError, match="FP16"):
+        hand.unscale_(opt)
+    opt.zero_grad()
+
+    @ampfn.with_grad_scaling(torch.amp.GradScaler("cpu"), sync=sync)
+    def step(_: Any) -> Any:
+        ampfn.backward(p32.sum() + p16.float().sum())
+        return ampfn.step(opt)
+
+    with pytest.raises(ValueError, match=r"with_grad_scaling.*the gradients are fp16"):
+        step(None)
+    assert torch.equal(p16, torch.ones(4, dtype=torch.float16))
+    assert torch.equal(p32, torch.ones(4))
+
+
+def embedding_run(
+    sync: bool | None, poisoned: set[int]
+) -> tuple[nn.Module, torch.amp.GradScaler, list[bool]]:
+    """An ``Embedding(sparse=True)`` with SGD: sparse gradients (None: by hand)."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.5)
+    scaler = upstream_scaler()
+    idx = [torch.tensor([[0, 1, 1], [2, 0, 2]]) + i for i in range(4)]
+
+    def loss_of(i: int) -> torch.Tensor:
+        return emb(idx[i]).pow(2).sum() * (float("inf") if i in poisoned else 1.0)
+
+    if sync is None:
+        for i in range(4):
+            scaler.scale(loss_of(i)).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        return emb, scaler, []
+
+    @ampfn.with_grad_scaling(scaler, sync=sync)
+    def step(i: int) -> Any:
+        ampfn.backward(loss_of(i))
+        stepped = ampfn.step(opt)
+        opt.zero_grad()
+        return stepped
+
+    return emb, scaler, [as_bool(step(i)) for i in range(4)]
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "sync-free"])
+def test_sparse_gradients(sync: bool) -> None:
+    """``test_grad_scaling_unscale_sparse``: sparse gradients (an ``Embedding`` with
+    ``sparse=True``, duplicated indices: uncoalesced) are unscaled and checked, an inf
+    in their values found."""
+    hand, hand_scaler, _ = embedding_run(None, {2})
+    ours, our_scaler, stepped = embedding_run(sync, {2})
+    assert stepped == [True, True, False, True]
+    assert our_scaler.state_dict() == hand_scaler.state_dict()
+    (assert_bitwise if sync else assert_values)(
+        grads_and_params(hand), grads_and_params(ours)
+    )
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "sync-free"])
+@pytest.mark.parametrize("lazy_init_scale", [True, False], ids=["lazy", "fresh"])
+def test_state_dict_loads_another_scalers_settings(
+    lazy_init_scale: bool, sync: bool
+) -> None:
+    """``test_grad_scaling_state_dict``: a scaler's state loaded into one built with other
+    settings takes them all (scale, factors, interval, growth tracker), whether or not
+    its scale tensor exists yet; here through ``ampfn.state_dict`` of two pipelines."""
+    s0 = torch.amp.GradScaler(
+        "cpu", init_scale=3.0, growth_factor=4.0, backoff_factor=0.5, growth_interval=2
+    )
+    s1 = torch.amp.GradScaler(
+        "cpu", init_scale=6.0, growth_factor=7.0, backoff_factor=0.8, growth_interval=1
+    )
+    s1._init_growth_tracker = 7  # a value for the load to overwrite
+    if lazy_init_scale:
+        s1.scale(torch.full((1,), 4.0))
+        assert isinstance(s1._scale, torch.Tensor)
+    f0 = ampfn.with_grad_scaling(s0, sync=sync)(lambda b: b)
+    f1 = ampfn.with_grad_scaling(s1, sync=sync)(lambda b: b)
+    ampfn.load_state_dict(f1, ampfn.state_dict(f0))
+    assert s1.get_scale() == 3.0
+    assert s1.get_growth_factor() == 4.0
+    assert s1.get_backoff_factor() == 0.5
+    assert s1.get_growth_interval() == 2
+    assert s1._init_growth_tracker == 0
+    # and the loaded scaler goes on as the one it was loaded from
+    assert poisoned_steps(s1, sync, [False, False, True]) == poisoned_steps(
+        s0, sync, [False, False, True]
+    )
+
+
+FUSED: dict[str, Make] = {
+    "Adam": torch.optim.Adam,
+    "AdamW": torch.optim.AdamW,
+    "SGD": partial(torch.optim.SGD, momentum=0.9),
+    "Adagrad": torch.optim.Adagrad,
+}
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "sync-free"])
+@pytest.mark.parametrize("separate_unscale", [False, True], ids=["", "unscale"])
+@pytest.mark.parametrize("opt_name", list(FUSED))
+def test_fused_optimizers_take_found_inf(
+    opt_name: str, separate_unscale: bool, sync: bool
+) -> None:
+    """``test_grad_scaling_autocast_fused_optimizers`` (test_cuda.py; CPU has fused Adam,
+    AdamW, SGD and Adagrad): a fused optimizer under autocast and a GradScaler, with and
+    without a separate ``unscale_``, matches the non-fused one in values. Upstream
+    injects no inf; here one is injected at ``skip_iter`` so that the fused kernel's
+    ``found_inf`` decides the skip, and ampfn's run must equal the hand-written fused
+    loop bit for bit (syncing) or in values (sync-free)."""
+    make = FUSED[opt_name]
+    model, data = create_case()
+    m_control, m_hand, m_ours = (copy.deepcopy(model) for _ in range(3))
+
+    def by_hand(m: nn.Module, opt: torch.optim.Optimizer) -> torch.amp.GradScaler:
+        scaler = torch.amp.GradScaler("cpu", init_scale=128.0)
+        for i, (x, y) in enumerate(data):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.half):
+                loss = LOSS(m(x), y)
+            scaler.scale(loss).backward()
+            if i == SKIP_ITER:
+                poison(m)
+            if separate_unscale:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        return scaler
+
+    o_control = make(m_control.parameters(), lr=1.0, foreach=False)
+    by_hand(m_control, o_control)
+    o_hand = make(m_hand.parameters(), lr=1.0, fused=True)
+    hand_scaler = by_hand(m_hand, o_hand)
+    for c, h in zip(m_control.parameters(), m_hand.parameters(), strict=True):
+        torch.testing.assert_close(h, c, rtol=1e-3, atol=1e-3)
+
+    o_ours = make(m_ours.parameters(), lr=1.0, fused=True)
+    our_scaler = torch.amp.GradScaler("cpu", init_scale=128.0)
+
+    @ampfn.compose(
+        ampfn.with_grad_scaling(our_scaler, sync=sync),
+        ampfn.with_autocast(torch.float16, "cpu"),
+    )
+    def step(i: int, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        o_ours.zero_grad()
+        ampfn.backward(LOSS(m_ours(batch[0]), batch[1]))
+        if i == SKIP_ITER:
+            poison(m_ours)
+        if separate_unscale:
+            ampfn.unscale_(o_ours)
+        return ampfn.step(o_ours)
+
+    stepped = [as_bool(step(i, b)) for i, b in enumerate(data)]
+    assert stepped == [i != SKIP_ITER for i in range(4)]
+    assert our_scaler.state_dict() == hand_scaler.state_dict()
+    (assert_bitwise if sync else assert_values)(
+        grads_and_params(m_hand) + optimizer_tensors(o_hand),
+        grads_and_params(m_ours) + optimizer_tensors(o_ours),
+    )
