@@ -131,12 +131,18 @@ class MasterWeights:
 
     def after_step(self, optimizer: Any, stepped: Any) -> None:
         """Copy ``optimizer``'s masters into the model after a step that may have changed
-        them (True, or a tensor in sync-free scaling, where a skip left them unchanged)."""
+        them (True, or a tensor in sync-free scaling, where a skip left them unchanged).
+        Then clear the masters' gradients, stepped or skipped, as Apex does: the model's
+        gradients were moved into them, so ``model.zero_grad()`` (or setting the model's
+        ``.grad`` to None) could not clear them, and the next update would add to them."""
+        pair = self._pairs.get(id(optimizer))
+        if pair is None or not pair[0]:
+            return
         if stepped is not False:
-            pair = self._pairs.get(id(optimizer))
-            if pair is not None and pair[0]:
-                with torch.no_grad():
-                    torch._foreach_copy_(pair[0], pair[1])
+            with torch.no_grad():
+                torch._foreach_copy_(pair[0], pair[1])
+        for m in pair[1]:
+            m.grad = None
 
     def clip_params(self, parameters: Any) -> list[torch.Tensor]:
         params = (

@@ -1,0 +1,314 @@
+"""NVIDIA Apex's amp tests, ported to ``with_apex(level, backend="native")`` on the CPU.
+
+Upstream: NVIDIA/apex ``tests/L0/run_amp/`` as it stood while ``apex/amp/`` existed.
+
+| upstream test | here |
+|---|---|
+| ``test_multiple_models_optimizers_losses.py`` (all four cases) | ``test_multiple_models_optimizers_losses`` |
+| ``test_add_param_group.py`` | ``test_add_param_group_after_with_apex`` |
+| ``test_checkpointing.py::test_restoring`` | ``test_checkpoint_round_trip_mid_training`` |
+| ``test_checkpointing.py::test_loss_scale_decrease`` | ``test_loss_scale_decrease`` |
+| ``test_basic_casts.py``, ``test_promotion.py``, ``test_rnn.py`` (cells) | ``test_o1_casts_on_the_cpu`` |
+| ``test_cache.py`` | ``test_o1_weight_used_twice_and_cast_cache`` |
+
+Apex's tests build ``MyModel`` with an fp32 and an fp16 parameter and pass
+``cast_model_type=False`` (with ``allow_incoming_model_not_fp32``). ampfn has no
+``cast_model_type`` override, and ``with_apex`` refuses a model that is not fp32 where it
+casts it (O2, O3). So O0 and O1 run on Apex's mixed model, given only the optimizer
+(``with_apex("O1", optimizer=opt)``: O1 on a model with fp16 parameters, which once
+regressed), and O2 and O3 on the same model built in fp32, which ``with_apex`` casts
+(``MyModel``'s values are small integers and quarters: exact in fp16).
+
+Differences from Apex, asserted as ampfn documents them (README, "Where ampfn differs"):
+
+- An overflow skips the step of every optimizer given to ``with_apex``; Apex skipped the
+  optimizers passed to the overflowing ``scale_loss`` (its ``2models2losses2optimizers``
+  expects only ``optimizer0`` to skip when ``loss0`` overflows). ``ampfn.backward`` is
+  not told the optimizers, so it cannot know them.
+- O1 is ``torch.autocast``, and CPU autocast's lists are not Apex's: docs/apex.md.
+
+Not ported: ``test_multi_tensor_scale.py``, ``test_multi_tensor_axpby.py``,
+``test_multi_tensor_l2norm.py``, ``test_multi_tensor_unscale_l2norm.py``,
+``test_fused_sgd.py`` and ``test_update_scale_hysteresis.py`` test Apex's CUDA kernels
+(``amp_C``) and its ``FusedSGD``, which the native backend does not use (its unscale is
+torch's ``_amp_foreach_non_finite_check_and_unscale_``, ported from PyTorch's tests in
+tests/test_scaling_upstream.py); ``test_larc.py`` (a LARC wrapper at every level) is
+tests/test_apex.py's ``test_optimizer_like_wrappers_are_accepted``; the fp16-weight
+parts of ``test_cache.py`` need ``allow_incoming_model_not_fp32`` at O2/O3.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import ampfn
+
+X = torch.ones(2)  # Apex's self.x
+LEVELS = ("O0", "O1", "O2", "O3")
+ZEROS = ("none", "model", "optimizer")
+
+
+class MyModel(nn.Module):
+    """Apex's: ``weight0`` fp32, ``weight1`` fp16 (fp32 where ``fp32``, for O2 and O3)."""
+
+    def __init__(self, unique: int, fp32: bool = False) -> None:
+        super().__init__()
+        half = torch.float32 if fp32 else torch.float16
+        self.weight0 = nn.Parameter(unique + torch.arange(2, dtype=torch.float32))
+        self.weight1 = nn.Parameter(1.0 + unique + torch.arange(2, dtype=half))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x * self.weight0.float()) * self.weight1.float()).sum()
+
+
+def scaler_entries(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The loss scalers' states in ``ampfn.state_dict`` of a ``with_apex`` step (none
+    for a static scale of 1, O0 and O3: they have no scaler)."""
+    transforms = state["transforms"]
+    saved = transforms[0]["state"].get("loss_scaler") if transforms else None
+    if saved is None:
+        return []
+    return saved["loss_scalers"] if "loss_scalers" in saved else [saved["scaler"]]
+
+
+def set_scales(step: Callable[..., Any], scales: list[float]) -> None:
+    """Apex's ``_amp_state.loss_scalers[i]._loss_scale = ...``, through a checkpoint."""
+    state = ampfn.state_dict(step)
+    for entry, scale in zip(scaler_entries(state), scales, strict=False):
+        entry["scale"] = scale
+    ampfn.load_state_dict(step, state)
+
+
+def scales_of(step: Callable[..., Any]) -> list[float]:
+    return [float(e["scale"]) for e in scaler_entries(ampfn.state_dict(step))]
+
+
+def master_params(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
+    """``amp.master_params``: what the optimizers hold (fp32 masters at O2)."""
+    return [p for o in optimizers for g in o.param_groups for p in g["params"]]
+
+
+def zero(
+    how: str, models: list[nn.Module], optimizers: list[torch.optim.Optimizer]
+) -> None:
+    if how == "none":
+        for m in models:
+            for p in m.parameters():
+                p.grad = None
+    elif how == "model":
+        for m in models:
+            m.zero_grad()
+    else:
+        for o in optimizers:
+            o.zero_grad()
+
+
+# --- test_multiple_models_optimizers_losses -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One of Apex's four: ``groups[k]`` is optimizer k's (model, lr) groups, ``losses[j]``
+    the models summed into loss j."""
+
+    models: int
+    groups: tuple[tuple[tuple[int, float], ...], ...]
+    momenta: tuple[float, ...]
+    losses: tuple[tuple[int, ...], ...]
+
+
+CASES = {
+    "2models2losses1optimizer": Case(
+        2, (((0, 0.25), (1, 0.5)),), (0.125,), ((0,), (1,))
+    ),
+    "3models2losses1optimizer": Case(
+        3, (((0, 0.25), (1, 0.5), (2, 0.125)),), (0.125,), ((0, 2), (1, 2))
+    ),
+    "2models2losses2optimizers": Case(
+        2, (((0, 0.25),), ((1, 0.5),)), (0.125, 0.25), ((0,), (1,))
+    ),
+    "3models2losses2optimizers": Case(
+        3, (((0, 0.25), (1, 1.0)), ((2, 0.5),)), (0.5, 0.25), ((0, 1), (2, 1))
+    ),
+}
+
+
+def build(
+    case: Case, fp32: bool
+) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
+    models: list[nn.Module] = [MyModel(i + 1, fp32) for i in range(case.models)]
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.SGD(
+            [{"params": models[m].parameters(), "lr": lr} for m, lr in groups],
+            momentum=momentum,
+        )
+        for groups, momentum in zip(case.groups, case.momenta, strict=True)
+    ]
+    return models, optimizers
+
+
+def reference(
+    case: Case,
+) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """Apex's reference loop: two clean iterations, every optimizer stepping."""
+    models, optimizers = build(case, fp32=False)
+    grads = []
+    for _ in range(2):
+        for o in optimizers:
+            o.zero_grad()
+        for loss in losses(case, models):
+            loss.backward()
+        grads.append([p.grad.clone() for p in master_params(optimizers)])  # type: ignore[union-attr]
+        for o in optimizers:
+            o.step()
+    return grads, [p.detach().clone() for m in models for p in m.parameters()]
+
+
+def losses(case: Case, models: list[nn.Module]) -> list[torch.Tensor]:
+    return [sum((models[m](X) for m in ms), torch.zeros(())) for ms in case.losses]
+
+
+Inject = tuple[int, int, int, str]  # iteration, backward, model, "fp32" | "fp16"
+
+
+def injections(case: Case, level: str) -> list[Inject | None]:
+    if level not in ("O1", "O2"):  # Apex injects only where the scale is dynamic
+        return [None]
+    out: list[Inject | None] = [None]
+    for i, k in itertools.product((0, 1), (0, 1)):
+        for m in case.losses[k]:
+            out += [(i, k, m, "fp32"), (i, k, m, "fp16")]
+    return out
+
+
+def inject_hook(model: nn.Module, loc: str) -> Any:
+    """Write the inf inside the backward, where Apex writes it inside ``scale_loss``
+    (before the scaler's check when the backward ends)."""
+    param: torch.Tensor = getattr(model, "weight0" if loc == "fp32" else "weight1")
+
+    def hook(p: torch.Tensor) -> None:
+        assert p.grad is not None
+        with torch.no_grad():
+            p.grad[0] = float("inf")
+
+    return param.register_post_accumulate_grad_hook(hook)
+
+
+def run_case(
+    case: Case, level: str, num_losses: int, how: str, inject: Inject | None
+) -> None:
+    """One of Apex's runs: ``iters`` calls, zeroing ``how``, with the inf of ``inject``."""
+    where = f"{level} num_losses={num_losses} zero={how} inject={inject}"
+    ref_grads, ref_final = reference(case)
+    loss_ids = [0, 1] if num_losses == 2 else [0, 0]
+    fp32 = level in ("O2", "O3")
+    models, optimizers = build(case, fp32)
+    if fp32:
+        transform = ampfn.with_apex(
+            level, models, optimizers, backend="native", num_losses=num_losses
+        )
+    else:  # Apex's mixed model: given only the optimizer, as O1 on fp16 parameters
+        transform = ampfn.with_apex(
+            level, optimizer=optimizers, backend="native", num_losses=num_losses
+        )
+    checked: list[int] = []
+
+    @transform
+    def step(i: int) -> list[Any]:
+        zero(how, models, optimizers)
+        for k, loss in enumerate(losses(case, models)):
+            hook = None
+            if inject is not None and inject[:2] == (i, k):
+                hook = inject_hook(models[inject[2]], inject[3])
+            ampfn.backward(loss, loss_id=loss_ids[k])
+            if hook is not None:
+                hook.remove()
+        if inject is None or i != inject[0]:
+            for o in optimizers:
+                ampfn.unscale_(o)
+            grads = ref_grads[len(checked)]
+            for p, g in zip(master_params(optimizers), grads, strict=True):
+                assert p.grad is not None
+                assert torch.allclose(p.grad.float(), g.float()), where
+            checked.append(i)
+        return [ampfn.step(o) for o in optimizers]
+
+    set_scales(step, [4.0, 16.0])
+    before = scales_of(step)
+    iters = 3 if inject is not None else 2
+    stepped = [step(i) for i in range(iters)]
+    skipped = None if inject is None else inject[0]
+    assert stepped == [[i != skipped] * len(optimizers) for i in range(iters)], where
+    finals = [p for m in models for p in m.parameters()]
+    for p, master, r in zip(finals, master_params(optimizers), ref_final, strict=True):
+        assert torch.allclose(p.float(), r.float()), where
+        assert torch.allclose(p, master.to(p.dtype)), where
+    after = scales_of(step)
+    if inject is None:
+        assert after == before, where
+    else:
+        backed_off = loss_ids[inject[1]]
+        assert after == [
+            s / 2 if j == backed_off else s for j, s in enumerate(before)
+        ], where
+
+
+@pytest.mark.parametrize("num_losses", [1, 2])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_multiple_models_optimizers_losses(
+    case_name: str, level: str, num_losses: int
+) -> None:
+    """Apex's ``test_{2,3}models2losses{1,2}optimizer(s)``: for each way of zeroing and
+    each injected inf (iteration, backward, model, fp32 or fp16 parameter), the clean
+    iterations' gradients equal the reference's, the iteration with the inf skips every
+    optimizer (ampfn's rule, see the module docstring), the parameters end as after the
+    two clean reference iterations and equal their masters, and only the overflowing
+    loss's scale backs off."""
+    case = CASES[case_name]
+    for how, inject in itertools.product(ZEROS, injections(case, level)):
+        run_case(case, level, num_losses, how, inject)
+
+
+def zeroing_run(how: str, pipeline: str) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    if pipeline == "O2":
+        transform = ampfn.with_apex("O2", model, opt, backend="native")
+    else:
+        transform = ampfn.with_policy("16-true", model, opt, master_weights=True)
+    data = torch.randn(4, 8, 4)
+
+    @transform
+    def step(x: torch.Tensor) -> Any:
+        zero(how, [model], [opt])
+        ampfn.backward(model(x).float().pow(2).mean())
+        return ampfn.step(opt)
+
+    for x in data:
+        step(x)
+    return [p.detach().clone() for p in master_params([opt])]
+
+
+@pytest.mark.parametrize("pipeline", ["O2", "16-true+master"])
+@pytest.mark.parametrize("how", ["none", "model"])
+def test_zeroing_the_model_clears_the_masters_gradients(
+    how: str, pipeline: str
+) -> None:
+    """Found by Apex's ``how_to_zero`` in test_multiple_models_optimizers_losses: with
+    fp32 masters, ``model.zero_grad()`` (or the model's ``.grad = None``) between steps
+    left the masters' gradients in place, since the backward had moved the model's
+    gradients into them, and each update added every earlier one. Apex clears the
+    masters' gradients after each step; ampfn now does too, so zeroing the model trains
+    exactly as zeroing the optimizer."""
+    expected = zeroing_run("optimizer", pipeline)
+    for p, q in zip(zeroing_run(how, pipeline), expected, strict=True):
+        assert torch.equal(p, q)
