@@ -39,13 +39,15 @@ parts of ``test_cache.py`` need ``allow_incoming_model_not_fp32`` at O2/O3.
 
 from __future__ import annotations
 
+import copy
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import ampfn
@@ -96,7 +98,7 @@ def master_params(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]
 
 
 def zero(
-    how: str, models: list[nn.Module], optimizers: list[torch.optim.Optimizer]
+    how: str, models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]
 ) -> None:
     if how == "none":
         for m in models:
@@ -312,3 +314,310 @@ def test_zeroing_the_model_clears_the_masters_gradients(
     expected = zeroing_run("optimizer", pipeline)
     for p, q in zip(zeroing_run(how, pipeline), expected, strict=True):
         assert torch.equal(p, q)
+
+
+# --- test_add_param_group ----------------------------------------------------------------
+
+
+def add_param_group_run(
+    level: str | None, zero_before_add: bool, accumulate: bool, how: str
+) -> list[torch.Tensor]:
+    """Apex's loop: step model0 alone, add model1's group, step both twice (``level``
+    None: the plain reference)."""
+    fp32 = level in ("O2", "O3")
+    model0, model1 = MyModel(1, fp32), MyModel(2, fp32)
+    opt = torch.optim.SGD([{"params": model0.parameters(), "lr": 0.25}], momentum=0.125)
+    models: list[nn.Module] = [model0, model1]
+
+    def backward(loss: torch.Tensor, retain: bool = False) -> None:
+        if level is None:
+            loss.backward(retain_graph=retain)
+        else:
+            ampfn.backward(loss, retain_graph=retain)
+
+    def step(first: bool) -> Any:
+        loss = model0(X) if first else model0(X) + model1(X)
+        backward(loss, retain=accumulate and not first)
+        if accumulate and not first:
+            backward(loss)
+        return opt.step() if level is None else ampfn.step(opt)
+
+    if level is not None:
+        if fp32:
+            transform = ampfn.with_apex(level, models, opt, backend="native")
+        else:
+            transform = ampfn.with_apex(level, optimizer=opt, backend="native")
+        step = transform(step)
+        set_scales(step, [4.0])
+    zero(how, models, [opt])
+    step(True)
+    if zero_before_add:
+        zero(how, models, [opt])
+    opt.add_param_group({"params": model1.parameters(), "lr": 0.5})
+    if not zero_before_add:
+        zero(how, models, [opt])
+    step(False)
+    zero(how, models, [opt])
+    step(False)  # once more: the new parameters pick up momentum
+    return [p.detach().clone() for m in models for p in m.parameters()]
+
+
+@pytest.mark.parametrize("accumulate", [True, False], ids=["accumulate", "once"])
+@pytest.mark.parametrize("zero_before_add", [True, False], ids=["zero-add", "add-zero"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_add_param_group_after_with_apex(
+    level: str, zero_before_add: bool, accumulate: bool
+) -> None:
+    """Apex's ``test_add_param_group``: a parameter group added to the optimizer after
+    ``with_apex`` (at O2 its fp16 parameters get fp32 masters at the next step) trains as
+    the plain loop does, whichever way the gradients are zeroed, with two backward
+    passes of the same loss accumulated or one."""
+    expected = add_param_group_run(None, zero_before_add, accumulate, "optimizer")
+    for how in ZEROS:
+        final = add_param_group_run(level, zero_before_add, accumulate, how)
+        for r, f in zip(expected, final, strict=True):
+            torch.testing.assert_close(
+                r.to(f.dtype),
+                f,
+                msg=f"{level} zero={how} zero_before_add={zero_before_add}",
+            )
+
+
+# --- test_checkpointing ------------------------------------------------------------------
+
+
+class ConvModel(nn.Module):
+    """test_checkpointing.py's ``MyModel``: a scalar parameter, a conv, batch norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, 1, 1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.param = nn.Parameter(torch.randn(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.param
+        return self.bn1(torch.relu(self.conv1(x)))  # type: ignore[no-any-return]
+
+
+def conv_pipeline(
+    level: str, num_losses: int, model: nn.Module, opt: torch.optim.Optimizer
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Upstream's ``train_step`` (every ``scale_loss`` without a ``loss_id``: loss 0)."""
+
+    @ampfn.with_apex(level, model, opt, backend="native", num_losses=num_losses)
+    def train_step(x: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        output = model(x)
+        for idx in range(1, num_losses):
+            ampfn.backward(output.float().mean() * float(idx), retain_graph=True)
+        ampfn.backward(output.float().mean() * float(num_losses))
+        ampfn.step(opt)
+        return output
+
+    return train_step
+
+
+@pytest.mark.parametrize("amp_before_load", [True, False], ids=["amp-load", "load-amp"])
+@pytest.mark.parametrize("num_losses", [1, 2])
+@pytest.mark.parametrize("level", LEVELS)
+def test_checkpoint_round_trip_mid_training(
+    level: str, num_losses: int, amp_before_load: bool
+) -> None:
+    """Apex's ``test_restoring``: train 10 steps; after 5, save the model, the optimizer
+    and the amp state (``model.state_dict()`` all fp32), restore them into a fresh model
+    and optimizer (``with_apex`` before or after loading the model and optimizer), and
+    the restored run's outputs and state equal the uninterrupted run's, bit for bit.
+    Apex's own test restores across levels too but never loads the amp state ("FIXME:
+    We cannot test the amp.state_dict in the same script"); here the amp state is
+    loaded, so the levels match."""
+    torch.manual_seed(2809)
+    model = ConvModel()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    train = conv_pipeline(level, num_losses, model, opt)
+    data = [torch.randn(16, 3, 24, 24) for _ in range(10)]
+    outputs = [train(x) for x in data[:5]]
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "amp": ampfn.state_dict(train),
+    }
+    for key, value in checkpoint["model"].items():
+        if "num_batches_tracked" not in key:
+            assert value.dtype == torch.float32, key
+
+    restore_model = ConvModel()
+    restore_opt = torch.optim.SGD(restore_model.parameters(), lr=1e-3)
+    if amp_before_load:
+        restored = conv_pipeline(level, num_losses, restore_model, restore_opt)
+    restore_model.load_state_dict(checkpoint["model"])
+    restore_opt.load_state_dict(checkpoint["optimizer"])
+    if not amp_before_load:
+        restored = conv_pipeline(level, num_losses, restore_model, restore_opt)
+    ampfn.load_state_dict(restored, checkpoint["amp"])
+
+    for x in data[5:]:
+        outputs.append(train(x))
+        assert torch.equal(restored(x), outputs[-1])
+    a, b = model.state_dict(), restore_model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert scales_of(train) == scales_of(restored)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_loss_scale_decrease(level: str) -> None:
+    """Apex's ``test_loss_scale_decrease``: three losses; loss ``idx`` overflows (an
+    input times 2**17, beyond fp16) in the first ``idx`` iterations, so its scale ends at
+    ``init / 2**idx`` and its count of clean steps (Apex's ``unskipped``, the saved
+    ``_growth_tracker``) at ``2 - idx``. Static scales (O0, O3) are skipped, as there."""
+    torch.manual_seed(0)
+    model = ConvModel()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    num_losses, decreases = 3, [0, 1, 2]
+
+    @ampfn.with_apex(level, model, opt, backend="native", num_losses=num_losses)
+    def train_step(i: int) -> Any:
+        opt.zero_grad()
+        x = torch.randn(16, 3, 24, 24)
+        for idx in range(num_losses):
+            output = model(x * 2**17 if i < decreases[idx] else x)
+            ampfn.backward(output.float().mean(), loss_id=idx, retain_graph=True)
+        return ampfn.step(opt)
+
+    initial = scales_of(train_step)
+    if not initial:
+        return  # a static loss scale: nothing to decrease
+    assert [train_step(i) for i in range(max(decreases))] == [False, False]
+    entries = scaler_entries(ampfn.state_dict(train_step))
+    assert [e["scale"] for e in entries] == [
+        s / 2**f for s, f in zip(initial, decreases, strict=True)
+    ]
+    assert [e["_growth_tracker"] for e in entries] == [
+        max(decreases) - f for f in decreases
+    ]
+
+
+# --- test_basic_casts, test_promotion, test_rnn: O1's per-op casts on the CPU --------------
+
+H, F32 = torch.float16, torch.float32
+LSTM_CELL = nn.LSTMCell(8, 8)
+ALWAYS_HALF = {H: H, F32: H}
+ALWAYS_FLOAT = {H: F32, F32: F32}
+MATCH_INPUT = {H: H, F32: F32}
+# name: (op, input shape, Apex's expectation under O1 on CUDA, ampfn's O1 on the CPU)
+CASTS: dict[
+    str, tuple[Callable[..., Any], tuple[int, ...], dict[Any, Any], dict[Any, Any]]
+] = {
+    # test_basic_casts.py
+    "linear": (nn.Linear(8, 8), (8, 8), ALWAYS_HALF, ALWAYS_HALF),
+    "conv2d": (nn.Conv2d(3, 3, 3), (1, 3, 8, 8), ALWAYS_HALF, ALWAYS_HALF),
+    "matmul": (lambda x: x.matmul(x), (8, 8), ALWAYS_HALF, ALWAYS_HALF),
+    "matmul_op": (lambda x: x @ x, (8, 8), ALWAYS_HALF, ALWAYS_HALF),
+    "softmax": (lambda x: F.softmax(x, dim=1), (8, 8), ALWAYS_FLOAT, MATCH_INPUT),
+    "group_norm": (nn.GroupNorm(2, 4), (2, 4, 3), ALWAYS_FLOAT, MATCH_INPUT),
+    "mse_loss": (
+        lambda x: F.mse_loss(x, x.detach()),
+        (8, 8),
+        ALWAYS_FLOAT,
+        ALWAYS_FLOAT,
+    ),
+    "relu": (F.relu, (8, 8), MATCH_INPUT, MATCH_INPUT),
+    "batch_norm": (nn.BatchNorm1d(8), (8, 8), MATCH_INPUT, MATCH_INPUT),
+    "pow": (lambda x: x.pow(2), (8, 8), ALWAYS_FLOAT, MATCH_INPUT),
+    "pow_op": (lambda x: x**2, (8, 8), ALWAYS_FLOAT, MATCH_INPUT),
+    "sum": (lambda x: x.sum(), (8, 8), ALWAYS_FLOAT, MATCH_INPUT),
+    # Apex bans it (NotImplementedError) unless allow_banned; CPU autocast runs it in fp32
+    "bce": (
+        lambda x: F.binary_cross_entropy(torch.sigmoid(x), torch.full_like(x, 0.5)),
+        (8, 8),
+        ALWAYS_FLOAT,
+        ALWAYS_FLOAT,
+    ),
+    # test_promotion.py: a half and a float make a float (Apex's "matches widest")
+    "mul_promotes": (
+        lambda x: x * torch.ones(8, 8),
+        (8, 8),
+        ALWAYS_FLOAT,
+        ALWAYS_FLOAT,
+    ),
+    "cat_promotes": (
+        lambda x: torch.cat([x, torch.ones(8, 8)]),
+        (8, 8),
+        ALWAYS_FLOAT,
+        ALWAYS_FLOAT,
+    ),
+    "atan2_promotes": (
+        lambda x: torch.atan2(x, torch.ones(8, 8)),
+        (8, 8),
+        ALWAYS_FLOAT,
+        ALWAYS_FLOAT,
+    ),
+    # test_rnn.py's cells: Apex runs them in fp16; CPU autocast only the RNN cell
+    "rnn_cell": (nn.RNNCell(8, 8), (8, 8), ALWAYS_HALF, ALWAYS_HALF),
+    "gru_cell": (nn.GRUCell(8, 8), (8, 8), ALWAYS_HALF, MATCH_INPUT),
+    "lstm_cell": (lambda x: LSTM_CELL(x)[0], (8, 8), ALWAYS_HALF, MATCH_INPUT),
+}
+
+
+@pytest.mark.parametrize("input_dtype", [H, F32], ids=["fp16-in", "fp32-in"])
+@pytest.mark.parametrize("name", list(CASTS))
+def test_o1_casts_on_the_cpu(name: str, input_dtype: torch.dtype) -> None:
+    """Apex's ``run_layer_test``: under O1 the op's output has the expected dtype and the
+    input's gradient has the input's dtype. ampfn's O1 is ``torch.autocast``, whose CPU
+    lists are not Apex's: where they differ (softmax, group_norm, pow, sum stay in their
+    input's dtype; GRU and LSTM cells are not autocast; binary_cross_entropy is not
+    banned) the CPU's behaviour is asserted and docs/apex.md lists the difference."""
+    op, shape, apex_expects, cpu = CASTS[name]
+    x = torch.randn(shape, dtype=input_dtype).requires_grad_()
+
+    @ampfn.with_apex("O1", backend="native")
+    def forward(t: torch.Tensor) -> torch.Tensor:
+        return op(t)  # type: ignore[no-any-return]
+
+    y = forward(x)
+    assert y.dtype == cpu[input_dtype], (
+        f"{name}: Apex gives {apex_expects[input_dtype]}"
+    )
+    y.float().sum().backward()
+    assert x.grad is not None
+    assert x.grad.dtype == input_dtype
+
+
+def test_o1_weight_used_twice_and_cast_cache() -> None:
+    """Apex's ``test_cache``: a weight used several times in one O1 forward is cast once
+    (Apex's cache; autocast's cast cache), its gradient sums every use, exactly as the
+    hand-written ``torch.autocast`` step; and a forward under ``torch.no_grad`` (eval)
+    between training steps leaves the next training step's gradients intact."""
+    torch.manual_seed(0)
+    ref = nn.Linear(8, 8)
+    ours = copy.deepcopy(ref)
+    x = torch.randn(4, 8)
+
+    def twice(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        return m(m(t)).float().sum()  # type: ignore[no-any-return]
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        with torch.no_grad():
+            twice(ref, x)
+        loss = twice(ref, x)
+    loss.backward()
+
+    @ampfn.with_apex("O1", ours, backend="native")
+    def eval_step(t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return twice(ours, t)
+
+    @ampfn.with_apex("O1", ours, backend="native")
+    def grad_step(t: torch.Tensor) -> torch.Tensor:
+        out = twice(ours, t)
+        out.backward()  # no optimizer: plain backward, as in Apex's test
+        return out
+
+    eval_step(x)
+    assert torch.equal(grad_step(x), loss)
+    for p, q in zip(ref.parameters(), ours.parameters(), strict=True):
+        assert p.grad is not None
+        assert q.grad is not None
+        assert torch.equal(p.grad, q.grad)
