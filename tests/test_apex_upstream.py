@@ -621,3 +621,38 @@ def test_o1_weight_used_twice_and_cast_cache() -> None:
         assert p.grad is not None
         assert q.grad is not None
         assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("num_losses", [1, 2])
+def test_o1_on_a_model_with_fp16_parameters(num_losses: int) -> None:
+    """The regression an earlier port found: ``with_apex("O1", optimizer=opt)`` on a
+    model with fp16 parameters (Apex's ``allow_incoming_model_not_fp32``). Their fp16
+    gradients are unscaled in place, as Apex's O1 does (GradScaler would refuse them),
+    an inf in one skips the step and backs the scale off, and training matches the
+    plain loop."""
+    case = CASES["2models2losses1optimizer"]
+    for inject in (None, (1, 0, 0, "fp16"), (0, 1, 1, "fp16")):
+        run_case(case, "O1", num_losses, "optimizer", inject)
+    model = nn.Linear(4, 2).half()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    poisoned = {"now": False}
+
+    @ampfn.with_apex("O1", optimizer=opt, backend="native", num_losses=num_losses)
+    def step(x: torch.Tensor) -> Any:
+        opt.zero_grad()
+        loss = model(x).float().sum() * (float("inf") if poisoned["now"] else 1.0)
+        ampfn.backward(loss)
+        return ampfn.step(opt)
+
+    set_scales(step, [4.0, 4.0])  # 2**16 times these fp16 gradients overflows
+    x = torch.randn(3, 4, dtype=torch.float16)
+    before = model.weight.detach().clone()
+    assert step(x) is True
+    assert not torch.equal(model.weight, before)
+    assert model.weight.dtype == torch.float16
+    poisoned["now"] = True
+    after = model.weight.detach().clone()
+    scale = scales_of(step)[0]
+    assert step(x) is False
+    assert torch.equal(model.weight, after)
+    assert scales_of(step)[0] == scale / 2
