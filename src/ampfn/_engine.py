@@ -264,6 +264,8 @@ class Engine:
             f(optimizer)
         for o in self.observers:
             o.on_step(call, optimizer, stepped, self.masters)
+        for m in self.masters:  # the masters' gradients are spent (observers saw them)
+            m.release(optimizer)
         call.stepped.add(id(optimizer))
         return stepped
 

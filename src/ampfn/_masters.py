@@ -4,8 +4,10 @@ and ``with_policy(..., master_weights=True)``.
 The optimizers hold fp32 masters in place of the model's low-precision parameters. After
 each backward the model's gradients move into the masters' (in fp32, so gradient
 accumulation sums in fp32); after each step that may have changed the masters they are
-copied into the model; clipping acts on the masters' gradients. A parameter group added
-later (``add_param_group``) gets masters at the next step, as in Apex.
+copied into the model; after every step, stepped or skipped, their gradients are cleared
+(as Apex clears them, so that zeroing the model's gradients starts the next update
+afresh); clipping acts on the masters' gradients. A parameter group added later (``add_param_group``) gets masters at the next
+step, as in Apex.
 """
 
 from __future__ import annotations
@@ -137,6 +139,16 @@ class MasterWeights:
             if pair is not None and pair[0]:
                 with torch.no_grad():
                     torch._foreach_copy_(pair[0], pair[1])
+
+    def release(self, optimizer: Any) -> None:
+        """Clear ``optimizer``'s masters' gradients once its step is done (stepped or
+        skipped, and seen by telemetry), as Apex does after each step: the backward moved
+        the model's gradients into them, so ``model.zero_grad()`` (or the model's
+        ``.grad = None``) could not clear them, and the next update would add to them."""
+        pair = self._pairs.get(id(optimizer))
+        if pair is not None:
+            for m in pair[1]:
+                m.grad = None
 
     def clip_params(self, parameters: Any) -> list[torch.Tensor]:
         params = (
