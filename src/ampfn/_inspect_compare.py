@@ -68,7 +68,9 @@ def _stats(
         nonzero = r != 0
         count = int(nonzero.sum())
         if count:
-            flushed = int((nonzero & (p < tiny)).sum()) / count
+            # fp32 values below the output dtype's normal range: in the pipeline they
+            # flushed to zero or to subnormals (a ReLU's sign flip is not a flush)
+            flushed = int((nonzero & (r.abs() < tiny)).sum()) / count
     return top, headroom, flushed
 
 

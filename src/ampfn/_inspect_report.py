@@ -34,8 +34,9 @@ class ModuleReport:
         max_abs: the largest finite |value| of the pipeline's output.
         headroom_bits: log2 of the compute dtype's largest finite number over
             ``max_abs`` (negative past it; inf for an all-zero output).
-        flushed: the fraction of the output that is zero or subnormal in the pipeline
-            (in the output's dtype) and not zero in fp32.
+        flushed: the fraction of the output's non-zero fp32 values below the smallest
+            normal number of the pipeline output's dtype: flushed to zero or to
+            subnormals there.
         dtype: the dtype of the pipeline's output.
     """
 
