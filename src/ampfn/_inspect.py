@@ -123,12 +123,20 @@ def _run(
     scale = loss_scale(wrapped)
     saved = copy.deepcopy(state_dict(wrapped))  # the caller's scaler, if it holds one
     capture = Capture(model, 1.0 if scale is None else scale)
-    torch.manual_seed(seed)
+    _seed(seed)
     try:
         capture.run(wrapped, batch)
     finally:
         load_state_dict(wrapped, saved)
     return capture, wrapped
+
+
+def _seed(seed: int) -> None:
+    """``torch.manual_seed``, without queueing a lazy CUDA seed on a machine that has
+    not initialized CUDA (which costs milliseconds a call)."""
+    torch.random.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        torch.cuda.manual_seed_all(seed)
 
 
 def _loss_error(pipeline: Capture, reference: Capture) -> float:

@@ -32,39 +32,46 @@ def relative_error(
     inf when their shapes differ."""
     if [t.shape for t in pipeline] != [t.shape for t in reference]:
         return math.inf
-    p, r = _flat(pipeline), _flat(reference)
-    finite = r.isfinite()
-    if not bool(p[finite].isfinite().all()):
+    return _relative(_flat(pipeline), _flat(reference))
+
+
+def _relative(p: torch.Tensor, r: torch.Tensor) -> float:
+    if p.shape != r.shape:
         return math.inf
-    diff = float(torch.linalg.vector_norm(p[finite] - r[finite]))
+    if not bool(r.isfinite().all()):  # compare where fp32 is finite (rare: a slow path)
+        finite = r.isfinite()
+        p, r = p[finite], r[finite]
+    if not bool(p.isfinite().all()):
+        return math.inf
+    diff = float(torch.linalg.vector_norm(p - r))
     if diff == 0.0:
         return 0.0
-    norm = float(torch.linalg.vector_norm(r[finite]))
+    norm = float(torch.linalg.vector_norm(r))
     return diff / norm if norm > 0 else math.inf
 
 
-def _nonfinite(
-    pipeline: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]
-) -> bool:
-    p, r = _flat(pipeline), _flat(reference)
-    return p.shape == r.shape and bool((~p.isfinite() & r.isfinite()).any())
+def _nonfinite(p: torch.Tensor, r: torch.Tensor) -> bool:
+    """The pipeline holds inf/NaN where the reference does not."""
+    if p.shape != r.shape or bool(p.isfinite().all()):
+        return False
+    return bool((~p.isfinite() & r.isfinite()).any())
 
 
 def _stats(
-    outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], largest: float
+    p: torch.Tensor, r: torch.Tensor, tiny: float, largest: float
 ) -> tuple[float, float, float]:
     """(max finite |value|, headroom in bits to ``largest``, fraction flushed)."""
-    p = _flat(outputs).abs()
-    finite = p[p.isfinite()]
-    top = float(finite.max()) if finite.numel() else 0.0
-    if finite.numel() < p.numel():  # inf/NaN: no headroom left
+    if not p.numel():
+        return 0.0, math.inf, 0.0
+    a = p.abs()
+    top = float(a.max())
+    headroom = math.log2(largest / top) if top > 0 else math.inf
+    if not math.isfinite(top):  # inf/NaN: no headroom left, and the largest finite one
+        finite = a[a.isfinite()]
+        top = float(finite.max()) if finite.numel() else 0.0
         headroom = -math.inf
-    else:
-        headroom = math.log2(largest / top) if top > 0 else math.inf
     flushed = 0.0
-    r = _flat(reference)
-    if outputs and r.shape == p.shape:
-        tiny = min(torch.finfo(t.dtype).tiny for t in outputs)
+    if r.shape == p.shape:
         nonzero = r != 0
         count = int(nonzero.sum())
         if count:
@@ -83,15 +90,18 @@ def compare_modules(
         ref = reference.get(name)
         if ref is None:
             continue
-        error = relative_error(rec.outputs, ref.outputs)
-        carried = relative_error(rec.inputs, ref.inputs)
-        nonfinite = _nonfinite(rec.outputs, ref.outputs)
-        made_nonfinite = nonfinite and not _nonfinite(rec.inputs, ref.inputs)
+        p_out, r_out = _flat(rec.outputs), _flat(ref.outputs)
+        p_in, r_in = _flat(rec.inputs), _flat(ref.inputs)
+        error = _relative(p_out, r_out)
+        carried = _relative(p_in, r_in)
+        nonfinite = _nonfinite(p_out, r_out)
+        made_nonfinite = nonfinite and not _nonfinite(p_in, r_in)
         if math.isinf(error):
             introduced = 0.0 if math.isinf(carried) else math.inf
         else:
             introduced = max(0.0, error - carried) if math.isfinite(carried) else 0.0
-        top, headroom, flushed = _stats(rec.outputs, ref.outputs, largest)
+        tiny = min((torch.finfo(t.dtype).tiny for t in rec.outputs), default=0.0)
+        top, headroom, flushed = _stats(p_out, r_out, tiny, largest)
         dtype = str(rec.outputs[0].dtype).removeprefix("torch.") if rec.outputs else "-"
         out.append(
             ModuleReport(
