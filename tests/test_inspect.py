@@ -436,3 +436,15 @@ def test_the_inspect_command_line_explains_bad_options(
     with pytest.raises(SystemExit):
         inspect.main(["--device", "xla"])
     assert "expected cpu or cuda" in capsys.readouterr().err
+
+
+def test_the_cost_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import inspect_cost
+
+    (row,) = inspect_cost.main(
+        ["--rounds", "1", "--rows", "8", "--cases", "mlp-256x3 bf16"]
+    )
+    assert row["case"] == "mlp-256x3 bf16"
+    assert row["inspect_ms"].median > 0
+    assert row["islands"] == []
