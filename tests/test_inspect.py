@@ -448,3 +448,23 @@ def test_the_cost_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert row["case"] == "mlp-256x3 bf16"
     assert row["inspect_ms"].median > 0
     assert row["islands"] == []
+
+
+def test_a_step_without_ampfn_backward_has_no_loss_error() -> None:
+    def make(seed: int) -> Any:
+        torch.manual_seed(seed)
+        model = nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            model(x).sum().backward()  # plain torch: fine outside loss scaling
+            return ampfn.step(opt)
+
+        return step, nn.Sequential(model), opt
+
+    report = ampfn.inspect_precision(
+        make, ampfn.with_autocast("bf16", "cpu"), torch.randn(3, 4)
+    )
+    assert math.isnan(report.loss_error)
+    assert report.to_dict()["loss_error"] is None
+    assert 0 < report.grad_error < 0.05  # the gradients are still captured

@@ -134,12 +134,15 @@ def _run(
 def _seed(seed: int) -> None:
     """``torch.manual_seed``, without queueing a lazy CUDA seed on a machine that has
     not initialized CUDA (which costs milliseconds a call)."""
-    torch.random.default_generator.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         torch.cuda.manual_seed_all(seed)
 
 
 def _loss_error(pipeline: Capture, reference: Capture) -> float:
+    """The losses' relative error; NaN when the step gave ``ampfn.backward`` none."""
+    if not reference.losses:
+        return math.nan
     return relative_error(
         [torch.tensor(pipeline.losses)], [torch.tensor(reference.losses)]
     )

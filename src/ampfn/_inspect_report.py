@@ -83,7 +83,8 @@ class PrecisionReport:
             layers to keep out of fp8: :meth:`module_filter`): the innermost ones that
             introduce a problem. Empty for a healthy pipeline.
         tolerance: the introduced relative error above which a module is a problem.
-        loss_error: the relative error of the loss against fp32 (inf when it is inf/NaN).
+        loss_error: the relative error of the loss given to ``ampfn.backward`` against
+            fp32 (inf when it is inf/NaN; NaN when the step called no ``ampfn.backward``).
         loss_scale: the loss scale the step used, None without loss scaling.
         grad_underflow: the fraction of gradient elements non-zero in fp32 and exactly
             zero in the pipeline (after unscaling): missing or too small loss scaling.

@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import ampfn
 from ampfn.demo._data import build_model, load_digits
 from ampfn.demo._pipelines import make_pipeline
+from ampfn.demo._train import training_step
 
 
 class _Built:
@@ -33,17 +33,7 @@ def _maker(device: torch.device, lr: float) -> Any:
     def make(seed: int) -> Any:
         model = build_model(seed, device)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-
-        def train_step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            x, y = batch
-            loss = F.cross_entropy(model(x).float(), y)
-            ampfn.backward(loss)
-            ampfn.clip_grad_norm_(model.parameters(), 5.0, opt)
-            ampfn.step(opt)
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
-
-        return train_step, model, opt
+        return training_step(model, opt), model, opt
 
     return make
 
