@@ -185,6 +185,13 @@ def inspect_precision(
     gradient. The global RNG is seeded with ``seed`` before each step and restored
     after; hooks are removed; a scaler inside ``transform`` is put back as it was.
 
+    It costs the two steps and the comparison (about 2-3x one training step on CPU,
+    ``benchmarks/inspect_cost.py``), plus a third step when there are islands to
+    verify, and holds a copy of every module's inputs and outputs of both steps. A
+    gradient is read as autograd accumulates it: exact for a step with one backward, or
+    with several accumulating in place; where something moves gradients between
+    backwards (Apex's several losses), only the last backward's part is seen.
+
     Args:
         make: ``make(seed) -> (step, model, optimizer)``, a fresh model each call (the
             ``ampfn.testing`` convention); the step calls ``ampfn.backward`` and
