@@ -13,7 +13,7 @@ def test_all_is_the_public_namespace() -> None:
     for name in ampfn.__all__:
         assert getattr(ampfn, name).__module__.startswith("ampfn")
     public = {n for n in vars(ampfn) if not n.startswith("_")}
-    submodules = {"demo", "testing", "telemetry"}
+    submodules = {"demo", "inspect", "testing", "telemetry"}
     assert public - set(ampfn.__all__) - submodules == set()
 
 
@@ -34,3 +34,11 @@ def test_every_public_function_has_an_example() -> None:
         obj = getattr(ampfn, name)
         if callable(obj) and not isinstance(obj, type):
             assert ">>>" in (obj.__doc__ or ""), name
+
+
+def test_the_precision_inspector_is_public() -> None:
+    # issue 22: the inspector, its report, and one module's entry in it
+    for name in ("inspect_precision", "PrecisionReport", "ModuleReport"):
+        assert name in ampfn.__all__
+    assert ampfn.inspect_precision.__module__ == "ampfn._inspect"
+    assert ampfn.PrecisionReport.__module__ == "ampfn._inspect_report"

@@ -13,6 +13,8 @@ from ampfn._checkpoint import load_state_dict, state_dict
 from ampfn._effects import backward, clip_grad_norm_, grad, step, unscale_
 from ampfn._float8 import with_float8
 from ampfn._grad_scaling import with_grad_scaling
+from ampfn._inspect import inspect_precision
+from ampfn._inspect_report import ModuleReport, PrecisionReport
 from ampfn._islands import FP32Island, fp32
 from ampfn._policy import Policy, fsdp_mixed_precision, get_policy
 from ampfn._scaling import loss_scale
@@ -27,8 +29,10 @@ __version__ = "0.1.0"
 __all__ = [
     "FP32Island",
     "Handler",
+    "ModuleReport",
     "Pipeline",
     "Policy",
+    "PrecisionReport",
     "StepRecord",
     "Transform",
     "backward",
@@ -38,6 +42,7 @@ __all__ = [
     "fsdp_mixed_precision",
     "get_policy",
     "grad",
+    "inspect_precision",
     "load_state_dict",
     "loss_scale",
     "state_dict",

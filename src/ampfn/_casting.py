@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ampfn._islands import is_fp32_island
+from ampfn._islands import is_fp32_island, return_in
 from ampfn._tree import cast_floating
 
 Keep = Callable[[nn.Module], bool]  # modules whose own tensors stay fp32
@@ -83,6 +83,7 @@ def cast_module(
                 setattr(module, name, buf.to(dtype))
         if isinstance(module, nn.RNNBase):
             module.flatten_parameters()
+    return_in(model, dtype)  # islands hand their fp32 output back in this dtype
 
 
 def compute_in_fp32(model: nn.Module, keep: Keep) -> None:

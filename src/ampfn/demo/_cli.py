@@ -13,6 +13,7 @@ import torch
 
 import ampfn
 from ampfn.demo._data import load_digits
+from ampfn.demo._inspect import inspect_demo
 from ampfn.demo._pipelines import _DEFAULT, _XLA_DEFAULT, _XLA_PIPELINES, PIPELINES
 from ampfn.demo._report import _against_fp32, plot, table
 from ampfn.demo._train import run
@@ -69,6 +70,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="write the table and the per-step histories",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--inspect",
+        action="store_true",
+        help="instead of training, compare one step of each pipeline with fp32 "
+        "(ampfn.inspect_precision): where precision is lost, which modules to keep fp32",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be positive")
@@ -113,6 +120,15 @@ def _device(name: str) -> torch.device:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = _device(args.device)
+    if args.inspect:
+        inspect_demo(
+            args.pipelines,
+            device,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            lr=args.lr,
+        )
+        return 0
     data = load_digits(args.seed, device)
     title = f"ampfn {ampfn.__version__} demo: digits (sklearn), {args.steps} steps of {args.batch_size}, device {device}"
     print(title)

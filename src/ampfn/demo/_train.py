@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +31,23 @@ def _sync(device: torch.device) -> None:
         cut()
 
 
+def training_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer
+) -> Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """The demo's one training step, the same under every pipeline."""
+
+    def train_step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(model(x).float(), y)
+        ampfn.backward(loss)
+        ampfn.clip_grad_norm_(model.parameters(), 5.0, opt)
+        ampfn.step(opt)
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return train_step
+
+
 def run(
     name: str,
     args: argparse.Namespace,
@@ -42,15 +60,7 @@ def run(
     model = build_model(args.seed, device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 
-    def train_step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(model(x).float(), y)
-        ampfn.backward(loss)
-        ampfn.clip_grad_norm_(model.parameters(), 5.0, opt)
-        ampfn.step(opt)
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
+    train_step = training_step(model, opt)
     records: list[ampfn.StepRecord] = []
     step = ampfn.compose(
         ampfn.with_telemetry(records), make_pipeline(name, model, opt, device)
