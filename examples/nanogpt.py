@@ -60,12 +60,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, w = x.shape
-        heads = [
+        q, k, v = (
             z.view(b, t, self.n_head, w // self.n_head).transpose(1, 2)
             for z in self.c_attn(x).split(w, dim=2)
-        ]
+        )
         y = F.scaled_dot_product_attention(
-            *heads, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
         y = y.transpose(1, 2).contiguous().view(b, t, w)
         return self.resid_dropout(self.c_proj(y))  # type: ignore[no-any-return]
@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.dtype == "fp16":
         transforms.append(ampfn.with_grad_scaling())
     if args.dtype != "fp32":
-        transforms.append(ampfn.with_autocast(args.dtype, torch.device(args.device).type))
+        transforms.append(
+            ampfn.with_autocast(args.dtype, torch.device(args.device).type)
+        )
 
     @ampfn.compose(*transforms)
     def train_step(micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:

@@ -37,7 +37,7 @@ def ampfn_loop(
     """One optimizer step over a list of micro-batches, with ampfn's effects."""
 
     def train_step(micro: list[Batch]) -> Any:
-        total = 0.0
+        total = torch.zeros(())
         for b in micro:
             loss = loss_fn(model, b) / len(micro)
             ampfn.backward(loss)
@@ -62,7 +62,7 @@ def hand_loop(
     """The identical loop written with torch.amp by hand."""
 
     def train_step(micro: list[Batch]) -> Any:
-        total = 0.0
+        total = torch.zeros(())
         for b in micro:
             with torch.autocast(
                 "cpu", dtype=dtype or torch.float32, enabled=dtype is not None
