@@ -127,7 +127,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         step = make(model, opt)
         step(batches[0])  # eagerly: AdamW creates its state
         compiled = torch.compile(step, backend=args.backend)
-        reasons, graphs = graph_breaks(lambda c=compiled: [c(b) for b in batches[:2]])
+
+        def first_steps(c: Callable[[Batch], Any] = compiled) -> None:
+            for b in batches[:2]:
+                c(b)
+
+        reasons, graphs = graph_breaks(first_steps)
         shape[name] = {"graphs": graphs, "breaks": reasons}
         loops[name] = compiled
         print(f"{name}: {graphs} graphs, {sum(reasons.values())} breaks", flush=True)
