@@ -504,7 +504,8 @@ def test_a_compiled_fp8_step_adds_no_break_beyond_hand_written_torchao() -> None
 @pytest.mark.parametrize("sync", [True, False], ids=["syncing", "sync-free"])
 def test_clipping_a_parameter_list_adds_no_graph_break_reason(sync: bool) -> None:
     """``ampfn.clip_grad_norm_(list(model.parameters()), ...)`` under compile adds no
-    reason to the compiled loss-scaled step, and no host read in sync-free mode; a
+    reason to the compiled sync-free step, and no host read; to the syncing step only
+    the skipped ``GradScaler.unscale_`` that hand-written clipping calls too. A
     generator breaks the graph once more (dynamo cannot iterate a generator that reaches
     it from a frame it runs eagerly: docs/porting.md), with the same numbers."""
 
@@ -531,7 +532,8 @@ def test_clipping_a_parameter_list_adds_no_graph_break_reason(sync: bool) -> Non
     plain, _ = run(None)
     listed, m_list = run("list")
     _, m_gen = run("generator")
-    assert listed == plain
+    extra = {r for r in listed - plain if "`GradScaler.unscale_`" not in r or not sync}
+    assert not extra, extra
     if not sync:
         assert not [r for r in listed if "item()" in r or "__bool__" in r], listed
     assert params_equal(m_list, m_gen)
