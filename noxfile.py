@@ -1,4 +1,4 @@
-"""Sessions: tests (default), lint, typecheck, xla, properties, bench, demo."""
+"""Sessions: tests (default), lint, typecheck, xla, models, properties, bench, demo."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ TORCH = "torch==2.13.0"
 RUFF, MYPY = "ruff==0.17.6", "mypy==2.4.1"
 # torch_xla pins its own torch: the newest pair that installs here.
 XLA = ("torch==2.9.0", "torch_xla==2.9.0")
+# The real models of tests/models: Hugging Face transformers, pinned with its torch.
+TRANSFORMERS = "transformers==5.23.0"
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
@@ -60,6 +62,16 @@ def xla(session: nox.Session) -> None:
     # Two processes: autograd's engine must start after torch_xla registers its device.
     session.run("pytest", "tests/xla", *session.posargs, env=env)
     session.run("pytest", "tests", "--ignore=tests/xla", *session.posargs, env=env)
+
+
+@nox.session
+def models(session: nox.Session) -> None:
+    """tests/models: GPT-2, Llama (transformers, from configs) and the nanoGPT-style GPT
+    under every pipeline, and the examples (not collected by the default run)."""
+    session.install(TORCH, TRANSFORMERS, "-e", ".[test,fp8]")
+    session.run(
+        "pytest", "tests/models", *session.posargs, env={"HYPOTHESIS_PROFILE": "ci"}
+    )
 
 
 @nox.session

@@ -496,3 +496,44 @@ def test_a_compiled_fp8_step_adds_no_break_beyond_hand_written_torchao() -> None
     our_reasons, our_graphs = compiled_run(ours, data)
     assert our_reasons <= hand_reasons, f"added: {our_reasons - hand_reasons}"
     assert our_graphs <= hand_graphs
+
+
+# --------------------------------------------------------------------------- clipping
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["syncing", "sync-free"])
+def test_clipping_a_parameter_list_adds_no_graph_break_reason(sync: bool) -> None:
+    """``ampfn.clip_grad_norm_(list(model.parameters()), ...)`` under compile adds no
+    reason to the compiled sync-free step, and no host read; to the syncing step only
+    the skipped ``GradScaler.unscale_`` that hand-written clipping calls too. A
+    generator breaks the graph once more (dynamo cannot iterate a generator that reaches
+    it from a frame it runs eagerly: docs/porting.md), with the same numbers."""
+
+    def run(clip: str | None) -> tuple[set[str], nn.Module]:
+        model = mlp()
+        opt = sgd(model)
+
+        @ampfn.compose(
+            ampfn.with_grad_scaling(gs(), sync=sync), ampfn.with_autocast("fp16", "cpu")
+        )
+        def train_step(b: Batch) -> Any:
+            ampfn.backward(F.cross_entropy(model(b[0]).float(), b[1]))
+            if clip == "list":
+                ampfn.clip_grad_norm_(list(model.parameters()), 1.0, opt)
+            elif clip == "generator":
+                ampfn.clip_grad_norm_(model.parameters(), 1.0, opt)
+            stepped = ampfn.step(opt)
+            opt.zero_grad(set_to_none=True)
+            return stepped
+
+        reasons, _ = compiled_run(train_step, batches(5))
+        return reasons, model
+
+    plain, _ = run(None)
+    listed, m_list = run("list")
+    _, m_gen = run("generator")
+    extra = {r for r in listed - plain if "`GradScaler.unscale_`" not in r or not sync}
+    assert not extra, extra
+    if not sync:
+        assert not [r for r in listed if "item()" in r or "__bool__" in r], listed
+    assert params_equal(m_list, m_gen)

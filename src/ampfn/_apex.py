@@ -226,7 +226,8 @@ def with_apex(
     ============ ============================ ===================== ============== ===============
 
     O2 and O3 change the models and optimizers once, here: parameters and buffers are
-    cast in place (batch norm kept fp32 when ``keep_batchnorm_fp32``), ``forward`` casts
+    cast in place (batch norm kept fp32 when ``keep_batchnorm_fp32``, non-persistent
+    buffers such as RoPE's ``inv_freq`` always), ``forward`` casts
     floating inputs to fp16 and outputs to fp32, ``model.state_dict()`` returns fp32
     tensors (the masters' values at O2) and ``load_state_dict`` takes fp32 or fp16, and
     with master weights the optimizers' ``param_groups`` hold fp32 masters instead of the

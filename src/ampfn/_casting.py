@@ -2,7 +2,7 @@
 
 Shared by ``with_apex`` O2/O3, the true policies and ``with_xla_bf16(mode="true")``:
 :func:`cast_module` casts parameters and buffers in place (fp32 islands and the modules a
-``keep`` rule picks stay as they are), :func:`patch_forward` makes ``model.forward`` cast
+``keep`` rule picks stay as they are, and so do non-persistent buffers), :func:`patch_forward` makes ``model.forward`` cast
 floating inputs and outputs, :func:`compute_in_fp32` makes the kept modules compute in
 fp32 between half layers, and :func:`fp32_checkpoints` makes ``model.state_dict()``
 return fp32 tensors (the masters' values where there are masters).
@@ -11,6 +11,7 @@ return fp32 tensors (the masters' values where there are masters).
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,11 +35,56 @@ NORMS: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
+_NORM_NAME = re.compile(r"Norm(\d+d)?$")
 
 
 def is_norm(module: nn.Module) -> bool:
-    """Batch, instance, layer, group and RMS norms (``with_policy(keep_norm_fp32=True)``)."""
-    return isinstance(module, NORMS)
+    """The norm layers ``with_policy(keep_norm_fp32=True)`` keeps fp32.
+
+    The rule: an instance of torch.nn's batch, instance, layer, group or RMS norm, or a
+    module with no submodules whose class, or one of its base classes, has a name ending
+    in ``Norm`` (``LayerNorm``, ``RMSNorm``, ``LlamaRMSNorm``, ``T5LayerNorm``, nanoGPT's
+    own ``LayerNorm``; ``Norm1d``-style suffixes too). A module with submodules is never
+    picked by its name (a ``PreNorm`` wrapper holds half layers that must stay half).
+    Name more with ``with_policy(keep_fp32=(MyNorm, ...))``, or wrap a module in
+    ``ampfn.fp32``.
+    """
+    if isinstance(module, NORMS):
+        return True
+    if next(iter(module.children()), None) is not None:
+        return False
+    return any(
+        _NORM_NAME.search(cls.__name__)
+        for cls in type(module).__mro__
+        if cls is not nn.Module and issubclass(cls, nn.Module)
+    )
+
+
+def check_keep_fp32(api: str, keep_fp32: object) -> tuple[type[nn.Module], ...]:
+    """``keep_fp32`` as a tuple of module classes, or a TypeError that says what to pass."""
+    if isinstance(keep_fp32, type):
+        keep_fp32 = (keep_fp32,)
+    if not isinstance(keep_fp32, (tuple, list)) or not all(
+        isinstance(c, type) and issubclass(c, nn.Module) for c in keep_fp32
+    ):
+        raise TypeError(
+            f"{api}: keep_fp32 must be a tuple of nn.Module subclasses (the classes whose "
+            f"modules stay fp32), got {keep_fp32!r}"
+        )
+    return tuple(keep_fp32)
+
+
+def keep_rule(base: Keep | None, classes: tuple[type[nn.Module], ...]) -> Keep | None:
+    """``base`` (or nothing), and every module of one of ``classes`` too."""
+    if not classes:
+        return base
+    return functools.partial(_keep_either, base, classes)
+
+
+def _keep_either(
+    base: Keep | None, classes: tuple[type[nn.Module], ...], module: nn.Module
+) -> bool:
+    return isinstance(module, classes) or (base is not None and base(module))
 
 
 def _castable(module: nn.Module, keep: Keep | None) -> Iterator[nn.Module]:
@@ -70,7 +116,12 @@ def cast_module(
     """Cast ``model``'s floating parameters and buffers to ``dtype`` in place.
 
     Parameters keep their identity (``param.data`` is replaced), so references the user
-    holds, and optimizers built on them, stay valid.
+    holds, and optimizers built on them, stay valid. Persistent floating buffers (batch
+    norm's running statistics, a causal mask) are cast; non-persistent ones
+    (``register_buffer(..., persistent=False)``: Llama's rotary ``inv_freq``, tables a
+    model derives from its config) stay fp32, as Hugging Face computes RoPE in fp32: they
+    are not part of the checkpoint, and casting them loses precision that grows with
+    position.
     """
     for module in _castable(model, keep):
         for param in module.parameters(recurse=False):
@@ -79,7 +130,10 @@ def cast_module(
                 if param.grad is not None:
                     param.grad = param.grad.to(dtype)
         for name, buf in module.named_buffers(recurse=False):
-            if buf.is_floating_point():
+            if (
+                buf.is_floating_point()
+                and name not in module._non_persistent_buffers_set
+            ):
                 setattr(module, name, buf.to(dtype))
         if isinstance(module, nn.RNNBase):
             module.flatten_parameters()

@@ -17,8 +17,10 @@ from ampfn._autocast_region import autocast_fragment, check_autocast
 from ampfn._casting import (
     cast_module,
     castable_parameters,
+    check_keep_fp32,
     compute_in_fp32,
     is_norm,
+    keep_rule,
     patch_forward,
 )
 from ampfn._grad_scaling import with_grad_scaling
@@ -133,6 +135,7 @@ def with_policy(
     master_weights: bool = False,
     stochastic_rounding: bool = False,
     keep_norm_fp32: bool | None = None,
+    keep_fp32: tuple[type[nn.Module], ...] = (),
 ) -> Any:
     """Train under a precision policy: Lightning's ``precision=`` values, jmp's strings.
 
@@ -173,8 +176,13 @@ def with_policy(
         optimizer: the model's optimizer (master weights and stochastic rounding need it;
             with "16-true" it is checked for an Adam eps that fp16 flushes to zero).
         master_weights, stochastic_rounding: see above; not both.
-        keep_norm_fp32: keep norm layers (batch, instance, layer, group, RMS) in fp32;
-            None: for fp16 params (as Apex O2), not for bf16 or fp64.
+        keep_norm_fp32: keep norm layers (batch, instance, layer, group, RMS; torch's
+            classes and any leaf module whose class name ends in ``Norm``, such as
+            ``LlamaRMSNorm``: see ``is_norm`` in ``_casting``) in fp32; None: for fp16
+            params (as Apex O2), not for bf16 or fp64.
+        keep_fp32: more module classes kept fp32 (computing in fp32) whatever
+            ``keep_norm_fp32`` says. Non-persistent floating buffers (Llama's rotary
+            ``inv_freq``) always stay fp32.
 
     Returns:
         A transform (stateful with master weights or stochastic rounding). If the first
@@ -209,6 +217,7 @@ def with_policy(
         stochastic_rounding,
         keep_norm_fp32,
     )
+    extra = check_keep_fp32("with_policy(policy, model, optimizer)", keep_fp32)
     if policy.is_mixed:
         return _mixed(policy, model)
     param = policy.param_dtype
@@ -226,7 +235,7 @@ def with_policy(
                 "float32, with_policy casts it"
             )
     keep = (param == torch.float16) if keep_norm_fp32 is None else keep_norm_fp32
-    keep_fn = is_norm if keep else None
+    keep_fn = keep_rule(is_norm if keep else None, extra)
     parts: dict[str, Stateful] = {}
     masters = rounding = None
     before = Snapshot([model], [optimizer] if optimizer is not None else [])

@@ -59,7 +59,7 @@ def with_xla_bf16(
     ``mode="mixed"``: the forward runs under ``torch.autocast("xla", dtype=torch.bfloat16)``
     and weights stay fp32 (the recipe of Lightning's ``precision="bf16-mixed"``, which
     Lightning's own XLA plugin refuses). ``mode="true"``: ``model``'s parameters and buffers
-    are cast to bf16 once, here, and its forward casts floating inputs to bf16, with no
+    are cast to bf16 once, here (non-persistent buffers stay fp32), and its forward casts floating inputs to bf16, with no
     autocast (Lightning's ``"bf16-true"``, without the deprecated ``XLA_USE_BF16``).
 
     Inside the step ``ampfn.step(optimizer)`` is ``xm.optimizer_step(optimizer)`` (which
