@@ -417,24 +417,13 @@ def assert_values(a: list[Any], b: list[Any]) -> None:
             assert x == y
 
 
-# with_grad_scaling(GradScaler(enabled=False), sync=False) fails at its first step with
-# an AttributeError: SyncFreeScaler.step reads the scaler's _scale, which a disabled
-# GradScaler never makes (src/ampfn/_scaling/_syncfree.py, the models helper's file)
-DISABLED_SYNC_FREE = pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="bug: SyncFreeScaler.step reads GradScaler._scale, absent when disabled",
-)
-
-
 def scenario_params() -> list[Any]:
     out = []
     for name in BY_NAME:
         for enabled in (True, False):
             for sync in (True, False):
                 ids = f"{name}-{'enabled' if enabled else 'disabled'}-{'sync' if sync else 'sync-free'}"
-                marks = [DISABLED_SYNC_FREE] if not (enabled or sync) else []
-                out.append(pytest.param(name, enabled, sync, id=ids, marks=marks))
+                out.append(pytest.param(name, enabled, sync, id=ids))
     return out
 
 
@@ -539,7 +528,7 @@ def test_checkpoint_every_iteration_is_the_pickle_round_trip(sync: bool) -> None
         pytest.param(True, True, id="enabled-sync"),
         pytest.param(True, False, id="enabled-sync-free"),
         pytest.param(False, True, id="disabled-sync"),
-        pytest.param(False, False, id="disabled-sync-free", marks=DISABLED_SYNC_FREE),
+        pytest.param(False, False, id="disabled-sync-free"),
     ],
 )
 def test_multiple_models_optimizers_and_losses(enabled: bool, sync: bool) -> None:

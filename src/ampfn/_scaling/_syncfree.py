@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ampfn import _distributed as distributed
-from ampfn._args import grads_of
+from ampfn._args import grads_of, optimizer_params
 from ampfn._scaling._base import ScalerBase, ScalingCall, has_grads, rescale
 from ampfn._scaling._kernels import fused_step, masked_step, times, unscale_grads
 from ampfn._scaling._misuse import check_step, refuse_closure
@@ -113,16 +113,21 @@ class SyncFreeScaler(ScalerBase):
         check_step(self.api, st.backward, key in st.steps)
         if not has_grads(optimizer):  # nothing to unscale, check or step
             st.steps.add(key)
-            return torch.ones((), dtype=torch.bool, device=self._scale().device)
+            return torch.ones((), dtype=torch.bool, device=_device(optimizer))
+        if not self.scaler._enabled:  # as GradScaler.step when disabled: a plain step
+            st.call.sanctioned = True
+            optimizer.step()
+            st.call.sanctioned = False
+            st.steps.add(key)
+            st.stepped = True
+            return torch.ones((), dtype=torch.bool, device=_device(optimizer))
         if not torch.compiler.is_dynamo_compiling():
             self.known[key] = optimizer
         self.unscale(st, optimizer)
         found = st.founds.get(key)
-        if found is None:
-            found = self.stale_founds.get(key)
-        if found is None:  # a disabled scaler
-            found = torch.zeros((), dtype=torch.float32, device=self._scale().device)
-        elif self.sync_ranks is not False and self.ranks():
+        if found is None:  # unscaled in an earlier call that did not step
+            found = self.stale_founds[key]
+        if self.sync_ranks is not False and self.ranks():
             self.agree(st)
         call = st.call
         call.sanctioned = True  # (no try: see Engine._step)
@@ -183,3 +188,8 @@ class SyncFreeScaler(ScalerBase):
     def restart(self, optimizer: Optimizer) -> None:
         super().restart(optimizer)
         self.stale_founds.pop(id(optimizer), None)
+
+
+def _device(optimizer: Optimizer) -> torch.device:
+    """The device of the optimizer's first parameter (where its step's result goes)."""
+    return next(p.device for p in optimizer_params(optimizer))
