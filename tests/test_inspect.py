@@ -450,6 +450,26 @@ def test_the_cost_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert row["islands"] == []
 
 
+@pytest.mark.parametrize("built", ["with_apex", "with_policy", "with_float8"])
+def test_a_transform_built_on_the_callers_model_is_refused(built: str) -> None:
+    _, model, opt = make_mlp(0)
+    transform = {
+        "with_apex": lambda: ampfn.with_apex("O2", model, opt, backend="native"),
+        "with_policy": lambda: ampfn.with_policy("bf16-true", model, opt),
+        "with_float8": lambda: ampfn.with_float8(model),
+    }
+    if built == "with_float8":
+        pytest.importorskip("torchao")
+    t = transform[built]()
+    for pipeline in (t, ampfn.compose(t)):
+        with pytest.raises(
+            TypeError,
+            match=rf"^inspect_precision\(make, transform, batch.*holds {built}, built on your "
+            r"model.*build\(model, optimizer\)",
+        ):
+            ampfn.inspect_precision(make_mlp, pipeline, mlp_batch())
+
+
 def test_a_step_without_ampfn_backward_has_no_loss_error() -> None:
     def make(seed: int) -> Any:
         torch.manual_seed(seed)

@@ -26,7 +26,7 @@ from ampfn._masters import MasterWeights
 from ampfn._policy import warn_fp16_eps
 from ampfn._runtime import default_device_type
 from ampfn._scaling import ApexScaler, GradScalerScaler, LossScale, ScalerBase
-from ampfn._transform import Parts, Transform, factory, precision_tags
+from ampfn._transform import BOUND, Parts, Transform, factory, precision_tags
 from ampfn._types import Autocast, Fragment, Stateful
 from ampfn._undo import Snapshot
 
@@ -186,6 +186,7 @@ def _native(
         tags=(
             "loss_scaling",
             *precision_tags(torch.float16 if half or props.autocast else torch.float32),
+            *((BOUND,) if models or optimizers else ()),
         ),
         state=Parts(**parts) if parts else None,
         undo=before.restore,

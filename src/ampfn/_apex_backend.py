@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ampfn._scaling import check_scale, refuse_closure
-from ampfn._transform import Transform, precision_tags
+from ampfn._transform import BOUND, Transform, precision_tags
 from ampfn._types import Handler, Params
 
 _HINT = (
@@ -144,6 +144,7 @@ def apex_transform(
         tags=(
             "loss_scaling",
             *precision_tags(torch.float32 if level == "O0" else torch.float16),
+            BOUND,
         ),
         state=handler,
     )

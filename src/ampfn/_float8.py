@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ampfn._islands import is_fp32_island
-from ampfn._transform import Transform, compute_tag, factory
+from ampfn._transform import BOUND, Transform, compute_tag, factory
 from ampfn._types import Fragment
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
@@ -234,5 +234,5 @@ def with_float8(
     return Transform(
         "with_float8",
         fragment=Fragment("with_float8", after_step=after_step),
-        tags=("float8", compute_tag(torch.float8_e4m3fn)),
+        tags=("float8", compute_tag(torch.float8_e4m3fn), BOUND),
     )

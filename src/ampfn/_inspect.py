@@ -30,7 +30,7 @@ from ampfn._inspect_hooks import Capture
 from ampfn._inspect_report import PrecisionReport
 from ampfn._islands import FP32Island
 from ampfn._scaling import loss_scale
-from ampfn._transform import Pipeline, Transform, compute_dtype
+from ampfn._transform import BOUND, Pipeline, Transform, compute_dtype
 
 _API = "inspect_precision(make, transform, batch, *, seed, tolerance)"
 _TOLERANCE_EPS = (
@@ -46,6 +46,15 @@ def _check_transform(transform: object) -> None:
             "not a transform: call it (ampfn.with_autocast('bf16'), not ampfn.with_autocast)"
         )
     if isinstance(transform, (Transform, Pipeline)):
+        bound = _bound(transform)
+        if bound is not None:
+            raise TypeError(
+                f"{_API}: transform holds {bound}, built on your model and optimizer, but "
+                "the pipeline runs on a fresh make(seed); pass an object with "
+                "build(model, optimizer) -> transform that builds it on the model it gets, "
+                "such as ampfn.testing.TrialPipeline('O2', lambda m, o: "
+                "ampfn.with_apex('O2', m, o))"
+            )
         return
     if callable(getattr(transform, "build", None)) or callable(transform):
         return
@@ -54,6 +63,15 @@ def _check_transform(transform: object) -> None:
         f"an object with build(model, optimizer) -> transform (ampfn.testing.TrialPipeline), "
         f"got {type(transform).__name__}"
     )
+
+
+def _bound(transform: object) -> str | None:
+    """The name of a transform in ``transform`` built on a user's model, or None."""
+    if isinstance(transform, Pipeline):
+        return next(filter(None, map(_bound, transform.transforms)), None)
+    if isinstance(transform, Transform):
+        return next((name for tag, name in transform.tags if tag == BOUND), None)
+    return None
 
 
 def _check(make: object, transform: object, seed: object, tolerance: object) -> None:
@@ -210,8 +228,9 @@ def inspect_precision(
         ``ampfn.fp32`` to fill its ``residual_*`` fields.
 
     Raises:
-        TypeError: ``make`` is not callable, ``transform`` is not a transform, or
-            ``make(seed)`` does not return ``(step, model, optimizer)``.
+        TypeError: ``make`` is not callable, ``transform`` is not a transform (or is
+            one built on a model of yours, which the fresh ``make(seed)`` models would
+            not get), or ``make(seed)`` does not return ``(step, model, optimizer)``.
         ValueError: ``make`` returned the same model (or parameters) twice, or a bad
             ``tolerance``.
 

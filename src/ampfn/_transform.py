@@ -83,6 +83,11 @@ def compute_tag(dtype: torch.dtype) -> str:
     return f"compute:{dtype}".replace("torch.", "")
 
 
+# The tag of a transform built on a user's model or optimizer (with_apex, with_policy with
+# a model, with_float8): it serves that model only (ampfn.inspect_precision refuses it).
+BOUND = "bound_to_a_model"
+
+
 def precision_tags(dtype: torch.dtype) -> tuple[str, ...]:
     """Tags of a precision transform computing in ``dtype``: "forward_dtype" when it
     decides the forward's dtype (anything but float32), which autocast would override."""

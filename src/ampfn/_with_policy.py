@@ -28,7 +28,7 @@ from ampfn._masters import MasterWeights
 from ampfn._policy import Policy, get_policy, warn_fp16_eps
 from ampfn._rounding import StochasticRounding
 from ampfn._runtime import default_device_type
-from ampfn._transform import Parts, Transform, compose, factory, precision_tags
+from ampfn._transform import BOUND, Parts, Transform, compose, factory, precision_tags
 from ampfn._types import Fragment, Stateful
 from ampfn._undo import Snapshot
 
@@ -252,7 +252,7 @@ def with_policy(
         if keep_fn is not None:
             compute_in_fp32(model, keep_fn)
         patch_forward(model, policy.compute_dtype, policy.output_dtype)
-    tags = list(precision_tags(policy.compute_dtype))
+    tags = [*precision_tags(policy.compute_dtype), BOUND]
     if param == torch.float16 and not master_weights:
         tags.append("fp16_grads")
     return Transform(
