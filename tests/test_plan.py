@@ -201,3 +201,46 @@ def test_a_union_goes_with_its_outer_pipeline() -> None:
     assert [r() for r in gone] == [None, None, None]
     unions = plan_of(inner)._under
     assert len(unions) == 0
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    ["scaling", "sync-free", "telemetry", "apex O2"],
+)
+def test_a_call_leaves_no_reference_cycle_behind(pipeline: str) -> None:
+    """Each call's state is freed by reference counting when the call ends: a cycle
+    (the call and its per-call state pointing at each other) made every scaled step pay
+    for the cycle collector, about 100 µs per step on the tiny benchmark."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    records: list[Any] = []
+    transforms: dict[str, Callable[[], Callable[..., Any]]] = {
+        "scaling": lambda: ampfn.with_grad_scaling(torch.amp.GradScaler("cpu")),
+        "sync-free": lambda: ampfn.with_grad_scaling(
+            torch.amp.GradScaler("cpu"), sync=False
+        ),
+        "telemetry": lambda: ampfn.compose(
+            ampfn.with_telemetry(records.append),
+            ampfn.with_grad_scaling(torch.amp.GradScaler("cpu")),
+        ),
+        "apex O2": lambda: ampfn.with_apex("O2", model, opt, backend="native"),
+    }
+    transform = transforms[pipeline]()
+
+    @transform
+    def train_step(batch: Batch) -> None:
+        x, y = batch
+        ampfn.backward(F.cross_entropy(model(x).float(), y))
+        ampfn.step(opt)
+        opt.zero_grad(set_to_none=True)
+
+    data = batches(3)
+    train_step(data[0])
+    gc.collect()
+    gc.disable()
+    try:
+        for b in data:
+            train_step(b)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -225,7 +225,14 @@ def build(
             else:
                 call.plan = outer_plan
             if finishes:
-                _finish(finishes, call, failed)
+                try:
+                    _finish(finishes, call, failed)
+                finally:
+                    if outer is None:
+                        # the per-call state points back at the call: drop it here, so
+                        # the call is freed now, not by the cycle collector (which made
+                        # every step of a scaled pipeline pay for it)
+                        call.scaling = call.record = None
 
     layer.wrapper = pipeline_step
     return pipeline_step, layer
