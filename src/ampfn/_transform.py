@@ -83,9 +83,7 @@ def compute_tag(dtype: torch.dtype) -> str:
     return f"compute:{dtype}".replace("torch.", "")
 
 
-# The tag of a transform built on a user's model or optimizer (with_apex, with_policy with
-# a model, with_float8): it serves that model only (ampfn.inspect_precision refuses it).
-BOUND = "bound_to_a_model"
+BOUND = "bound_to_a_model"  # built on a user's model or optimizer: it serves that one only
 
 
 def precision_tags(dtype: torch.dtype) -> tuple[str, ...]:
