@@ -83,7 +83,7 @@ def compute_tag(dtype: torch.dtype) -> str:
     return f"compute:{dtype}".replace("torch.", "")
 
 
-BOUND = "bound_to_a_model"  # built on a user's model or optimizer: it serves that one only
+BOUND = "bound_to_a_model"  # built on a user's model: serves that one only
 
 
 def precision_tags(dtype: torch.dtype) -> tuple[str, ...]:
