@@ -61,7 +61,15 @@ def xla(session: nox.Session) -> None:
     env = {"PJRT_DEVICE": "CPU", "HYPOTHESIS_PROFILE": "ci"}
     # Two processes: autograd's engine must start after torch_xla registers its device.
     session.run("pytest", "tests/xla", *session.posargs, env=env)
-    session.run("pytest", "tests", "--ignore=tests/xla", *session.posargs, env=env)
+    # (the benchmarks' own tests time nothing torch-version specific: the default run has them)
+    session.run(
+        "pytest",
+        "tests",
+        "--ignore=tests/xla",
+        "--ignore=tests/test_benchmarks.py",
+        *session.posargs,
+        env=env,
+    )
 
 
 @nox.session
