@@ -25,6 +25,9 @@ import ampfn
 from ampfn._guard import guard_suspended
 from helpers import Batch, batches, mlp, params_equal
 
+# torch 2.9 (the xla session): behaviours below that only torch 2.13 has
+OLD_TORCH = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
+
 Step = Callable[[Batch], Any]
 
 # The guarantees are checked on torch 2.13 (the default suite's). Older dynamo cannot
@@ -501,6 +504,12 @@ def test_a_compiled_fp8_step_adds_no_break_beyond_hand_written_torchao() -> None
 # --------------------------------------------------------------------------- clipping
 
 
+@pytest.mark.xfail(
+    OLD_TORCH,
+    strict=True,
+    reason="torch < 2.13: dynamo breaks the graph on a torch op returning a non-tensor in "
+    "clipping",
+)
 @pytest.mark.parametrize("sync", [True, False], ids=["syncing", "sync-free"])
 def test_clipping_a_parameter_list_adds_no_graph_break_reason(sync: bool) -> None:
     """``ampfn.clip_grad_norm_(list(model.parameters()), ...)`` under compile adds no

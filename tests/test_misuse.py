@@ -22,6 +22,9 @@ import ampfn
 from ampfn.testing._trial import first_difference
 from helpers import batches, mlp
 
+# torch 2.9 (the xla session): behaviours below that only torch 2.13 has
+OLD_TORCH = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
+
 X, Y = batches(1)[0]
 KINDS = ["sync", "sync_free", "apex_o1", "apex_o2", "apex_two_losses"]
 
@@ -103,8 +106,16 @@ def assert_matches_fresh(kind: str, model: nn.Module, calls: int = 1) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_direct_step_on_gradients_left_scaled_by_accumulation_is_refused(
-    kind: str,
+    kind: str, request: pytest.FixtureRequest
 ) -> None:
+    if OLD_TORCH and kind in ("sync", "sync_free"):
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="torch < 2.13: the guard does not see gradients left scaled "
+                "through GradScaler's scale (not refused there)",
+            )
+        )
     model, opt, t = setup(kind)
     accumulate = t(lambda _: ampfn.backward(loss_of(model)))
     accumulate(None)

@@ -30,7 +30,16 @@ from torch import nn
 
 import ampfn
 
+# torch 2.9 (the xla session): behaviours below that only torch 2.13 has
+OLD_TORCH = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
 
+
+@pytest.mark.xfail(
+    OLD_TORCH,
+    strict=True,
+    reason="torch < 2.13: a cast that autocast cached under no_grad is reused by the "
+    "training forward without a grad_fn (ampfn does not work around it there)",
+)
 @pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode])
 @pytest.mark.parametrize("policy", ["bf16-mixed", "16-mixed"])
 def test_a_no_grad_forward_before_the_training_forward(
