@@ -67,3 +67,17 @@ def max_param_error(a: nn.Module, b: nn.Module) -> float:
         (p.float() - q.float()).abs().max().item()
         for p, q in zip(a.parameters(), b.parameters(), strict=True)
     )
+
+
+def effect_step(
+    model: nn.Module, opt: Any, loss_of: Callable[[nn.Module], torch.Tensor]
+) -> Callable[[Any], Any]:
+    """A correct step written with the effects: backward, step, clear the gradients."""
+
+    def step(_: Any) -> Any:
+        ampfn.backward(loss_of(model))
+        stepped = ampfn.step(opt)
+        opt.zero_grad(set_to_none=True)
+        return stepped
+
+    return step

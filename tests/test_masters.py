@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import ampfn
-from helpers import batches, mlp
+from ampfn.testing._trial import first_difference
+from helpers import batches, effect_step, mlp
 
 X, Y = batches(1)[0]
 PIPELINES = ["bf16-true masters", "16-true masters", "O2"]
@@ -46,23 +47,11 @@ def state(model: nn.Module, opt: torch.optim.Optimizer) -> Any:
 
 
 def same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
+    return first_difference(a, b) is None
 
 
 def good(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[Any], Any]:
-    def step(_: Any) -> Any:
-        ampfn.backward(loss_of(model))
-        stepped = ampfn.step(opt)
-        opt.zero_grad(set_to_none=True)
-        return stepped
-
-    return step
+    return effect_step(model, opt, loss_of)
 
 
 @pytest.mark.parametrize("kind", PIPELINES)

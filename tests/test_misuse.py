@@ -20,7 +20,7 @@ from torch import nn
 
 import ampfn
 from ampfn.testing._trial import first_difference
-from helpers import batches, mlp
+from helpers import batches, effect_step, mlp
 
 # torch 2.9 (the xla session): behaviours below that only torch 2.13 has
 OLD_TORCH = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
@@ -50,13 +50,7 @@ def setup(kind: str) -> tuple[nn.Module, torch.optim.Optimizer, ampfn.Transform]
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[Any], Any]:
-    def step(_: Any) -> Any:
-        ampfn.backward(loss_of(model))
-        stepped = ampfn.step(opt)
-        opt.zero_grad(set_to_none=True)
-        return stepped
-
-    return step
+    return effect_step(model, opt, loss_of)
 
 
 def snapshot(model: nn.Module, opts: list[Any], wrapped: Any) -> Any:
