@@ -22,6 +22,11 @@ One call of the wrapper:
 
 Wrapped steps nest (an ampfn pipeline inside a user's own wrapper inside another): the
 inner layer then activates the union of both plans, built once per pair and cached.
+
+Where dynamo traces the wrapper, it runs the same sequence without its ``try`` block
+(``traced_step``), through the eager guard of ``ampfn._traced``, which ends the call as
+failed (``abandon``) if it raises. The two bodies repeat a few lines on purpose: the
+eager one stays one Python frame per call.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ampfn import _traced as traced
 from ampfn._engine import Engine
 from ampfn._runtime import local
 from ampfn._types import EFFECTS, Call, Fragment, Handler
@@ -189,6 +195,8 @@ def build(
             region["cache_enabled"] = cache
 
     def pipeline_step(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_dynamo_compiling():
+            return traced.guard()(traced_step, abandon, args, kwargs)
         outer: Call | None = getattr(local, "call", None)
         if outer is None:
             call = local.call = Call(plan)
@@ -234,5 +242,60 @@ def build(
                         # every step of a scaled pipeline pay for it)
                         call.scaling = call.record = None
 
+    def traced_step(*args: Any, **kwargs: Any) -> Any:
+        """The call as dynamo traces it: pipeline_step's steps with no try block, so a
+        graph break in the user's step (its backward, the optimizer's step) resumes in
+        this frame's graph rather than making dynamo run the frame eagerly. If it raises,
+        ``abandon`` (run by the eager guard around it) ends the call as failed."""
+        outer: Call | None = getattr(local, "call", None)
+        if outer is None:
+            call = Call(plan)
+            if begins:
+                _begin(begins, call)
+            local.call = call
+        else:
+            call, outer_plan = outer, outer.plan
+            merged = plan.under(outer_plan)
+            if begins:
+                _begin(begins, call)
+            call.plan = merged
+        if inputs is not None:
+            args, kwargs = inputs(args, kwargs)
+        if autocast is None:
+            out = step(*args, **kwargs)
+        else:
+            local.traced_autocast = torch.compiler.is_dynamo_compiling()
+            with torch.autocast(device_type, **region):
+                out = step(*args, **kwargs)
+        if outputs is not None:
+            out = outputs(out)
+        if outer is None:
+            local.call = None
+        else:
+            call.plan = outer_plan
+        if finishes:
+            _finish(finishes, call, False)
+        if outer is None:
+            call.scaling = call.record = None
+        return out
+
+    def abandon(before: Call | None, plan_before: Plan | None) -> None:
+        """``traced_step`` raised: if its call is still active, end it as failed, as
+        pipeline_step's ``finally`` does (``before``: the active call when it began)."""
+        call: Call | None = getattr(local, "call", None)
+        if call is None or (call is before and call.plan is plan_before):
+            return  # refused before it began, or it raised while finishing
+        if before is None:
+            local.call = None
+        else:
+            call.plan = plan_before
+        if finishes:
+            try:
+                _finish(finishes, call, True)
+            finally:
+                if before is None:
+                    call.scaling = call.record = None
+
+    traced.prepare()
     layer.wrapper = pipeline_step
     return pipeline_step, layer
