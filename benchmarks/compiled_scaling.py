@@ -2,7 +2,7 @@
 vs the hand-written GradScaler loop, each compiled the same way.
 
 Each variant trains its own copy of the same model (examples/nanogpt.py's GPT, fp16
-autocast, AdamW, clipping to 1.0) on the same batches. Each is warmed up eagerly for one
+autocast, AdamW foreach or fused, clipping to 1.0) on the same batches. Each is warmed up eagerly for one
 step (AdamW creates its state), then compiled; the graphs and graph-break reasons of its
 first compiled steps are reported. Then ``benchmarks/harness.py`` times the three in
 interleaved rounds whose order rotates (thread CPU time on CPU, wall time on CUDA),
@@ -10,6 +10,7 @@ and reports the median time per step with its interquartile range, and per pair 
 median per-round difference (µs) and ratio with theirs.
 
     python benchmarks/compiled_scaling.py [--rounds 30] [--steps 5] [--backend inductor]
+        [--optimizer foreach|fused]
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument(
+        "--optimizer",
+        choices=("foreach", "fused"),
+        default="foreach",
+        help="AdamW's implementation: sync-free masks a foreach step, and hands a fused "
+        "one the overflow flag",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor")
@@ -123,7 +131,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shape: dict[str, Any] = {}
     for name, make in makers.items():
         model = copy.deepcopy(base)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        fused = args.optimizer == "fused"
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=1e-4, foreach=not fused, fused=fused
+        )
         step = make(model, opt)
         step(batches[0])  # eagerly: AdamW creates its state
         compiled = torch.compile(step, backend=args.backend)
@@ -142,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"shape": shape, "times": times, "args": vars(args)}
     print(
         f"\n{args.rounds} interleaved rounds of {args.steps} steps, {args.backend}, "
-        f"{args.device}, torch {torch.__version__}: median [IQR] per step"
+        f"AdamW {args.optimizer}, {args.device}, torch {torch.__version__}: median [IQR] "
+        "per step"
     )
     for theirs in ("ampfn syncing", "hand GradScaler"):
         c = compare(times, "ampfn sync-free", theirs)

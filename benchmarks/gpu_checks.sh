@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, most important first: the environment, the CUDA tests,
-# the GPT benchmark (eager; compiled; fp8; CUDA graphs), the MLP overhead ratios.
+# the GPT benchmark (eager; compiled; fp8; CUDA graphs), compiled fp16 loss scaling
+# (sync-free, syncing, hand-written GradScaler: 10 rounds of 20 steps), the MLP overhead ratios.
 # Each stage writes its log (and JSON) to $OUT and stops starting work when the time
 # budget ($BUDGET seconds, default 480) is spent; $ROUNDS (default 3) sets the GPT
 # benchmark's rounds, $MLP_ROUNDS (default 30) the MLP one's. From the repository root:
@@ -12,7 +13,7 @@ export PYTHONPATH="$PWD/src:$PWD/tests:${PYTHONPATH:-}"
 export PYTHONUNBUFFERED=1
 start=$SECONDS
 left() { echo $(( ${BUDGET:-480} - (SECONDS - start) )); }
-STAGES=${STAGES:-tests gpt_eager gpt_compiled gpt_cudagraphs bench_mlp}
+STAGES=${STAGES:-tests gpt_eager gpt_compiled gpt_cudagraphs compiled_scaling bench_mlp}
 COMPILED=${COMPILED:-bf16,fp16 sync-free,fp8 tensorwise,fp8 rowwise}
 ROUNDS=${ROUNDS:-3}
 stage() {  # stage NAME SECONDS CMD...: run CMD for at most SECONDS (or what is left)
@@ -35,5 +36,7 @@ stage gpt_compiled ${COMPILED_LIMIT:-150} python3 benchmarks/gpt.py --config 100
   --precisions "$COMPILED" --budget $(( ${COMPILED_LIMIT:-150} - 60 )) --json "$OUT/gpt_compiled.json"
 stage gpt_cudagraphs ${CUDAGRAPHS_LIMIT:-60} python3 benchmarks/gpt.py --config 100m --rounds "$ROUNDS" --modes cudagraphs \
   --precisions "fp16 sync-free" --json "$OUT/gpt_cudagraphs.json"
+stage compiled_scaling ${SCALING_LIMIT:-120} python3 benchmarks/compiled_scaling.py --rounds 10 --steps 20 \
+  --layers 6 --width 384 --seq 256 --batch 8 --optimizer "${SCALING_OPTIMIZER:-foreach}" --json "$OUT/compiled_scaling.json"
 stage bench_mlp 40 python3 benchmarks/bench.py --device cuda --rounds "${MLP_ROUNDS:-30}" --json "$OUT/bench_mlp.json"
 echo "== done after $((SECONDS - start))s"

@@ -49,6 +49,21 @@ def test_gpt_benchmark_runs_every_precision_on_a_tiny_config() -> None:
     assert all(r["by hand tok/s"] > 0 for r in results)
 
 
+@pytest.mark.filterwarnings(  # dynamo's own, tracing torch.optim (as in test_compile)
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",
+    "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning",
+)
+def test_compiled_scaling_benchmark_runs_on_a_tiny_config() -> None:
+    import compiled_scaling
+
+    args = "--backend aot_eager --rounds 2 --steps 1 --layers 1 --width 32 --seq 8"
+    out = compiled_scaling.main([*args.split(), "--optimizer", "fused"])
+    names = ["ampfn sync-free", "ampfn syncing", "hand GradScaler"]
+    assert list(out["shape"]) == names
+    assert all(out["shape"][n]["graphs"] > 0 for n in names)
+    assert list(out["times"]) == names
+
+
 def test_harness_statistics() -> None:
     from harness import Stat, compare
 
