@@ -836,3 +836,30 @@ def test_a_compiled_step_that_raises_ends_its_call_as_an_eager_one_does(
             compiled(b)
     assert params_equal(model, eager_model)
     assert scaler.state_dict() == eager_scaler.state_dict()
+
+
+@pytest.mark.skipif(
+    not NEW_DYNAMO,
+    reason="without nested graph breaks (torch < 2.13) ampfn's effects compile as frames "
+    "of their own, whose code all pipelines share",
+)
+def test_more_compiled_pipelines_than_dynamos_recompile_limit_all_compile() -> None:
+    """Dynamo keeps at most recompile_limit (8) compiled versions per code object and
+    runs the code eagerly after that: every pipeline has code objects of its own, so the
+    ninth compiled pipeline compiles as the first did."""
+    limit = int(torch._dynamo.config.recompile_limit)
+    data = batches(2)
+    torch._dynamo.reset()
+    for _ in range(limit + 2):
+        model = mlp()
+        user_step = with_effects(model, sgd(model))
+        user_step.__code__ = (
+            user_step.__code__.replace()
+        )  # the user's: one per pipeline
+        compiled = torch.compile(
+            ampfn.with_autocast("bf16", "cpu")(user_step), backend="aot_eager"
+        )
+        with frames_run_eagerly() as frames:
+            for b in data:
+                compiled(b)
+        assert ours(frames) == []

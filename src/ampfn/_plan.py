@@ -296,6 +296,11 @@ def build(
                 if before is None:
                     call.scaling = call.record = None
 
+    # Each layer gets code objects of its own: dynamo keeps its compiled code per code
+    # object, at most recompile_limit (8) versions, so pipelines sharing the wrapper's
+    # code would stop compiling from the ninth one on, and run it eagerly.
+    pipeline_step.__code__ = pipeline_step.__code__.replace()
+    traced_step.__code__ = traced_step.__code__.replace()
     traced.prepare()
     layer.wrapper = pipeline_step
     return pipeline_step, layer
