@@ -24,6 +24,10 @@ T = TypeVar("T")
 # code (see without_autocast).
 local = threading.local()
 
+# dynamo traces a flip of the autocast flag from torch 2.13 on (older releases break the
+# graph there, so traced code nests torch.autocast(enabled=False) on them)
+_FLIP_TRACES = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
+
 
 def current_call() -> Call | None:
     """The call of the wrapped step running on this thread, or None."""
@@ -37,9 +41,9 @@ def default_device_type() -> str:
 
 def _nest() -> bool:
     """Whether to turn autocast off with the context manager rather than the flag."""
-    return (
-        getattr(local, "traced_autocast", True) or torch.compiler.is_dynamo_compiling()
-    )
+    if getattr(local, "traced_autocast", True):
+        return True
+    return not _FLIP_TRACES and torch.compiler.is_dynamo_compiling()
 
 
 def without_autocast(
@@ -47,15 +51,12 @@ def without_autocast(
 ) -> T:
     """``fn(*args)`` with autocast off on the device types ``off``.
 
-    In eager code inside a region that a wrapped step's wrapper entered in eager code,
-    this flips the thread-local flag, which is what a nested
-    ``torch.autocast(enabled=False)`` does without its construction cost. Everywhere
-    else it nests the context manager: in traced code (dynamo resumes after a graph
-    break, such as the backward's, inside a ``with torch.autocast`` block, but not
-    inside the ``try`` block that a flip needs: it would run the frame eagerly), where
-    the region was entered in traced code (dynamo cannot follow a flip of the flag
-    there), and with ``nest=True``, for code that may run outside any wrapped step (fp32
-    islands), where the region is not ampfn's.
+    Where a wrapped step's wrapper entered its autocast region in eager code, this flips
+    the thread-local flag, which is what a nested ``torch.autocast(enabled=False)`` does
+    without its construction cost, and which dynamo traces without extra graphs. Where
+    the region itself is being traced, dynamo cannot follow a flip of the flag, and this
+    nests the context manager instead; so does ``nest=True``, for code that may run
+    outside any wrapped step (fp32 islands), where the region is not ampfn's.
     """
     if not off:
         return fn(*args)

@@ -188,9 +188,6 @@ class ScalerBase(ABC):
 
     def finish(self, call: Call, failed: bool) -> None:
         st: ScalingCall = call.scaling
-        if not st.locked:  # traced: no lock to release, and no try block for dynamo
-            self.discard(st) if failed else self.commit(st)
-            return
         try:
             if failed:
                 self.discard(st)

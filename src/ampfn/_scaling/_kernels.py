@@ -128,12 +128,6 @@ def fused_step(
         _ATTACH[0](optimizer, found.device)
         holder = optimizer.found_inf
     holder.copy_(found)
-    if torch.compiler.is_dynamo_compiling():
-        # no try block in traced code (dynamo would run this frame eagerly on the step's
-        # graph break); a step that raises leaves found_inf set until the next ampfn step
-        optimizer.step(*args, **kwargs)
-        holder.zero_()
-        return
     try:
         optimizer.step(*args, **kwargs)
     finally:
